@@ -1,0 +1,141 @@
+"""Dirty-page trackers: each one answers "which pages changed since I last asked?" as a bitmap.
+
+- ``HashTracker`` hashes every page and compares with a baseline of hashes
+  that the caller keeps equal to what the destination acknowledged storing
+  (DESIGN.md rule 1), so a page that changed and changed back is still resent
+  if the destination holds something else. Works for any buffer, even one
+  written by another process.
+- ``WritesTracker`` reads the marks the program made with
+  ``Region.mark_dirty``/``Region.write``; it costs nothing per round but sees
+  only the writes the program reports.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+
+import numpy as np
+import xxhash
+from numpy.typing import NDArray
+
+from migcore import _kernels
+from migcore._region import Region, new_bitmap
+
+U64 = NDArray[np.uint64]
+
+#: Regions smaller than this are hashed on one thread; larger ones on ``threads``.
+PARALLEL_MIN_BYTES = 32 << 20
+
+
+def zero_page_hashes(region: Region) -> U64:
+    """The hash table of an all-zero region of the same shape (what a fresh destination holds)."""
+    table = np.full(region.npages, xxhash.xxh3_64_intdigest(bytes(region.page_size)), dtype=np.uint64)
+    tail = region.nbytes - (region.npages - 1) * region.page_size
+    if tail != region.page_size:
+        table[-1] = xxhash.xxh3_64_intdigest(bytes(tail))
+    return table
+
+
+def runs_to_pages(runs: U64) -> NDArray[np.intp]:
+    """The page indices covered by ``runs`` (shape ``(n, 2)``), in order, without a Python loop."""
+    if len(runs) == 0:
+        return np.empty(0, dtype=np.intp)
+    starts = runs[:, 0].astype(np.intp)
+    counts = runs[:, 1].astype(np.intp)
+    total = int(counts.sum())
+    ends = np.cumsum(counts)
+    # each page index = its run's start + its position inside the run
+    return np.repeat(starts - (ends - counts), counts) + np.arange(total, dtype=np.intp)
+
+
+def hash_delta_parallel(
+    region: Region, baseline: U64, dirty: U64, threads: int, update: bool = False
+) -> int:
+    """``hash_delta`` over the whole region, split over ``threads`` (the fast path releases the GIL)."""
+    npages = region.npages
+    if threads <= 1 or region.nbytes < PARALLEL_MIN_BYTES:
+        return int(_kernels.hash_delta(region.view, region.page_size, baseline, dirty, 0, npages, update))
+    # split at multiples of 64 pages so no two threads share a bitmap word
+    step = -(-npages // threads)
+    step = -(-step // 64) * 64
+    bounds = [(lo, min(lo + step, npages)) for lo in range(0, npages, step)]
+    counts = [0] * len(bounds)
+
+    def work(i: int) -> None:
+        lo, hi = bounds[i]
+        counts[i] = _kernels.hash_delta(region.view, region.page_size, baseline, dirty, lo, hi, update)
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(1, len(bounds))]
+    for t in workers:
+        t.start()
+    try:
+        work(0)
+    finally:
+        for t in workers:
+            t.join()
+    return sum(counts)
+
+
+class Tracker(ABC):
+    """Finds the pages dirtied since the last collection."""
+
+    name: str = ""
+
+    def __init__(self, region: Region) -> None:
+        self.region = region
+
+    def start(self) -> None:
+        """Begin tracking: writes from now on are seen by the next :meth:`collect`."""
+
+    @abstractmethod
+    def collect(self, out: U64) -> int:
+        """Write the dirty bitmap into ``out`` (``bitmap_words(npages)`` words); return the count."""
+
+    def close(self) -> None:
+        """Stop tracking and release what tracking holds."""
+
+
+class HashTracker(Tracker):
+    """Dirty = the page's hash differs from ``baseline`` (the hashes the destination acknowledged)."""
+
+    name = "hash"
+
+    def __init__(self, region: Region, threads: int = 2) -> None:
+        super().__init__(region)
+        self.threads = threads
+        #: Per-page hashes the destination is known to hold; starts as an all-zero region.
+        self.baseline: U64 = zero_page_hashes(region)
+
+    def acknowledge(self, runs: U64, hashes: U64) -> None:
+        """Record the hashes the destination reported for the pages of ``runs`` (in run order)."""
+        self.baseline[runs_to_pages(runs)] = hashes
+
+    def collect(self, out: U64) -> int:
+        return hash_delta_parallel(self.region, self.baseline, out, self.threads)
+
+
+class WritesTracker(Tracker):
+    """Dirty = the program marked the page with ``Region.mark_dirty`` or ``Region.write``."""
+
+    name = "writes"
+
+    def start(self) -> None:
+        self.region.take_written(new_bitmap(self.region.npages))
+
+    def collect(self, out: U64) -> int:
+        return self.region.take_written(out)
+
+
+TRACKERS: dict[str, type[Tracker]] = {"hash": HashTracker, "writes": WritesTracker}
+
+
+def make_tracker(name: str, region: Region) -> Tracker:
+    """The tracker called ``name``; ``"auto"`` picks the best one the region and platform allow."""
+    if name == "auto":
+        name = "hash"
+    try:
+        cls = TRACKERS[name]
+    except KeyError:
+        raise ValueError(f"unknown tracker {name!r}; choose one of {['auto', *TRACKERS]}") from None
+    return cls(region)
