@@ -1,6 +1,33 @@
 """migcore: live-migrate a running program's memory to another host with a millisecond pause."""
 
+from migcore._api import Listener, Received, listen, migrate
+from migcore._errors import (
+    AuthenticationError,
+    CompatibilityError,
+    MigrationCancelled,
+    MigrationError,
+    MigrationTimeout,
+    PeerLostError,
+    ProtocolError,
+    VerificationError,
+)
 from migcore._region import Region
+from migcore._stats import MigrationStats
 
-__all__ = ["Region"]
+__all__ = [
+    "AuthenticationError",
+    "CompatibilityError",
+    "Listener",
+    "MigrationCancelled",
+    "MigrationError",
+    "MigrationStats",
+    "MigrationTimeout",
+    "PeerLostError",
+    "ProtocolError",
+    "Received",
+    "Region",
+    "VerificationError",
+    "listen",
+    "migrate",
+]
 __version__ = "0.1.0"

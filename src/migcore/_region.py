@@ -36,6 +36,30 @@ def new_bitmap(nbits: int) -> NDArray[np.uint64]:
     return np.zeros(bitmap_words(nbits), dtype=np.uint64)
 
 
+def count_bits_in(bitmap: NDArray[np.uint64], start: int, stop: int) -> int:
+    """Set bits in ``[start, stop)``, touching only the words of that range."""
+    if stop <= start:
+        return 0
+    w0 = start >> 6
+    bits = np.unpackbits(bitmap[w0 : bitmap_words(stop)].view(np.uint8), bitorder="little")
+    return int(bits[start - (w0 << 6) : stop - (w0 << 6)].sum())
+
+
+def runs_in(bitmap: NDArray[np.uint64], start: int, stop: int, out: NDArray[np.uint64], max_run: int = 0) -> int:
+    """Write the runs of set bits inside ``[start, stop)`` into ``out``; return how many (at most ``len(out)``).
+
+    Runs are at most ``max_run`` pages long (0: no cap), as with ``dirty_runs``.
+    """
+    if stop <= start:
+        return 0
+    w0 = start >> 6
+    base = w0 << 6
+    nruns, _ = _kernels.dirty_runs(bitmap[w0 : bitmap_words(stop)], stop - base, out, start - base, max_run)
+    if nruns:
+        out[:nruns, 0] += np.uint64(base)
+    return int(nruns)
+
+
 class Region:
     """A writable, C-contiguous buffer that migcore moves page by page.
 

@@ -1,0 +1,501 @@
+"""The destination's state machine: handshake checks, rounds, the commit, and the post-copy service.
+
+Before the switchover the destination keeps nothing it cannot vouch for: a
+refused handshake allocates nothing, and any failure releases the region it
+was filling. It hashes every page it stores, acknowledges those hashes at the
+end of each round (the source's delta baseline, DESIGN.md rule 1), and
+commits only when its whole hash table matches the source's (rule 2). After a
+post-copy switchover it keeps everything it holds, whatever happens.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from migcore import _kernels
+from migcore import _protocol as P
+from migcore._errors import (
+    CompatibilityError,
+    MigrationCancelled,
+    MigrationError,
+    MigrationTimeout,
+    PeerLostError,
+    ProtocolError,
+    VerificationError,
+)
+from migcore._region import Region, check_page_size, count_bits_in, new_bitmap, runs_in
+from migcore._stats import MigrationStats, StatsRecorder
+from migcore._trackers import runs_to_pages, zero_page_hashes
+from migcore._transport import Connection
+
+log = logging.getLogger("migcore")
+
+U64 = NDArray[np.uint64]
+
+
+@dataclass(frozen=True)
+class DestinationOptions:
+    """What a listener accepts; checked against every source's HELLO."""
+
+    max_bytes: int | None = None
+    compat: str | None = None
+    page_size: int | None = None
+    max_state_bytes: int = P.DEFAULT_MAX_STATE
+    max_payload: int = P.DEFAULT_MAX_PAYLOAD
+    check_memory: bool = True
+
+
+def mem_available() -> int | None:
+    """``MemAvailable`` from ``/proc/meminfo`` in bytes, or None where there is no such file."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _allocate_region(nbytes: int, page_size: int) -> Region:
+    """Where a destination region comes from (a seam the tests replace to put guards around it)."""
+    return Region.allocate(nbytes, page_size)
+
+
+def _discard_region(region: Region) -> None:
+    """Release a region received before a failed switchover (rule 3: the destination discards)."""
+    mapping = region._mapping
+    try:
+        region.view.release()
+        if mapping is not None:
+            mapping.close()
+    except BufferError:  # someone still holds a view of it: let the garbage collector free it
+        pass
+
+
+def _error_frame_for(exc: BaseException) -> bytes | None:
+    """The ERROR frame that tells the source why this side gave up (None: nothing to say)."""
+    if isinstance(exc, VerificationError):
+        return P.encode_error(P.ErrorCode.VERIFICATION, str(exc))
+    if isinstance(exc, ProtocolError):
+        return P.encode_error(P.ErrorCode.PROTOCOL, str(exc))
+    if isinstance(exc, MigrationTimeout):
+        return P.encode_error(P.ErrorCode.TIMEOUT, str(exc))
+    if isinstance(exc, (PeerLostError, MigrationCancelled)):
+        return None
+    return P.encode_error(P.ErrorCode.INTERNAL, f"destination failed: {exc!r}")
+
+
+def error_from_peer(code: P.ErrorCode, message: str, who: str) -> MigrationError:
+    """The exception that mirrors an ERROR frame from the peer."""
+    text = f"{who} reported: {message}"
+    if code is P.ErrorCode.VERIFICATION:
+        return VerificationError(text)
+    if code is P.ErrorCode.PROTOCOL:
+        return ProtocolError(text)
+    if code is P.ErrorCode.TIMEOUT:
+        return MigrationTimeout(text)
+    if code is P.ErrorCode.COMPATIBILITY:
+        return CompatibilityError(text)
+    return MigrationError(text)
+
+
+class Destination:
+    """One incoming migration on one connection, from HELLO to commit (or to post-copy)."""
+
+    def __init__(self, conn: Connection, opts: DestinationOptions) -> None:
+        self.conn = conn
+        self.opts = opts
+        self.region: Region | None = None
+        self.table: U64 | None = None
+        self.hello: P.Hello | None = None
+        self.stats = StatsRecorder(mode="", tracker="", migration_id="", page_size=0, total_bytes=0)
+
+    # -- frames ------------------------------------------------------------
+
+    def read_header(self, what: str) -> P.Header:
+        raw = self.conn.recv_exact(P.HEADER_SIZE, what)
+        return P.decode_header(raw)
+
+    def read_body(self, header: P.Header, limit: int, what: str, *, exact: int | None = None) -> bytearray:
+        n = P.check_length(header, limit, exact=exact)
+        return self.conn.recv_exact(n, what)
+
+    # -- the handshake -------------------------------------------------------
+
+    def handshake(self) -> P.Hello:
+        header = self.read_header("waiting for HELLO")
+        P.expect(header, (P.Frame.HELLO,), "the handshake")
+        hello = P.decode_hello(bytes(self.read_body(header, P.MAX_CONTROL_BODY, "reading HELLO")))
+        refusal = self.check(hello)
+        if refusal is not None:
+            field, reason = refusal
+            self.conn.abort_soon(P.encode_refuse(field, reason))
+            raise CompatibilityError(f"refused the source's migration ({field}): {reason}", field=field)
+        self.conn.send_all(
+            P.encode_accept(
+                P.Accept(
+                    max_state=self.opts.max_state_bytes,
+                    max_payload=self.opts.max_payload,
+                    max_runs=P.MAX_RUNS,
+                    features=P.SUPPORTED_FEATURES,
+                )
+            ),
+            "sending ACCEPT",
+        )
+        return hello
+
+    def check(self, hello: P.Hello) -> tuple[str, str] | None:
+        """The first pre-migration check that fails, as ``(field, reason)``; None when all pass."""
+        o = self.opts
+        if hello.version != P.PROTOCOL_VERSION:
+            return "version", f"protocol version {hello.version} differs from this side's {P.PROTOCOL_VERSION}"
+        try:
+            check_page_size(hello.page_size)
+        except ValueError as exc:
+            return "page_size", str(exc)
+        if o.page_size is not None and hello.page_size != o.page_size:
+            return "page_size", f"page size {hello.page_size} differs from this side's {o.page_size}"
+        if o.compat != hello.compat:
+            return "compat", f"compat string {hello.compat!r} differs from this side's {o.compat!r}"
+        if hello.features & ~P.SUPPORTED_FEATURES:
+            return "features", f"unsupported feature bits {hello.features & ~P.SUPPORTED_FEATURES:#x}"
+        if hello.mode in ("postcopy", "hybrid") and not hello.features & P.FEATURE_POSTCOPY:
+            return "features", f"mode {hello.mode} needs the post-copy feature"
+        if o.max_bytes is not None and hello.nbytes > o.max_bytes:
+            return "nbytes", f"region of {hello.nbytes} bytes exceeds this side's max_bytes={o.max_bytes}"
+        if o.check_memory:
+            avail = mem_available()
+            if avail is not None and hello.nbytes > avail:
+                return "memory", f"region of {hello.nbytes} bytes exceeds the {avail} bytes of available memory"
+        if hello.state_size != P.UNKNOWN_SIZE and hello.state_size > o.max_state_bytes:
+            return "state_size", f"state of {hello.state_size} bytes exceeds this side's limit of {o.max_state_bytes}"
+        return None
+
+    # -- the whole pre-switchover run -------------------------------------
+
+    def run(self) -> Received:
+        """Serve one migration until the commit (or the post-copy switch); discard on any failure."""
+        try:
+            hello = self.handshake()
+            self.hello = hello
+            mid = hello.migration_id.hex()
+            self.stats = StatsRecorder(
+                mode=hello.mode, tracker=hello.tracker, migration_id=mid, page_size=hello.page_size, total_bytes=hello.nbytes
+            )
+            self.stats.status = "active"
+            self.region = _allocate_region(hello.nbytes, hello.page_size)
+            if self.region.nbytes != hello.nbytes or self.region.page_size != hello.page_size:
+                raise MigrationError("allocated region does not match the HELLO")
+            self.table = zero_page_hashes(self.region)
+            self.stats.setup_time = time.monotonic() - self.stats.started
+            log.debug("destination: accepted migration %s of %d bytes (%s)", mid, hello.nbytes, hello.mode)
+            return self.receive_precopy(hello)
+        except BaseException as exc:
+            self.fail(exc)
+            raise
+
+    def fail(self, exc: BaseException) -> None:
+        """Rule 3 before the switchover: tell the source why (if we can), drop what arrived."""
+        status = "cancelled" if isinstance(exc, MigrationCancelled) else "failed"
+        self.stats.finish(status, str(exc))
+        frame = None if self.conn.closed else _error_frame_for(exc)
+        if frame is not None:
+            self.conn.abort_soon(frame)
+        else:
+            self.conn.close()
+        if self.region is not None:
+            _discard_region(self.region)
+            self.region = None
+        log.info("destination: migration failed before the switchover, discarded: %s", exc)
+
+    def receive_pages(self, header: P.Header, after: int, *, postcopy: bool = False) -> NDArray[np.uint64]:
+        """Validate a PAGES frame fully, then receive its payload straight into the region."""
+        assert self.region is not None and self.table is not None
+        region = self.region
+        if header.flags != (P.FLAG_POSTCOPY if postcopy else 0):
+            raise ProtocolError(f"PAGES frame flags {header.flags:#x} are wrong for this phase")
+        if not 0 < header.count <= P.MAX_RUNS:
+            raise ProtocolError(f"PAGES frame with {header.count} runs (allowed 1..{P.MAX_RUNS})")
+        if header.length > self.opts.max_payload:
+            raise ProtocolError(f"PAGES payload of {header.length} bytes exceeds the agreed {self.opts.max_payload}")
+        runs = P.decode_runs(self.conn.recv_exact(header.count * P.RUN_SIZE, "reading a runs table"), header.count)
+        pages = P.validate_runs(runs, region.npages, after=after)
+        payload = P.runs_payload(runs, region.page_size, region.nbytes)
+        if payload != header.length:
+            raise ProtocolError(
+                f"PAGES header announces {header.length} payload bytes but its {pages} pages hold {payload}"
+            )
+        if postcopy:
+            self.check_owed(runs)
+        self.conn.recv_pages(region.view, region.page_size, runs, payload, "receiving pages")
+        _kernels.hash_runs(region.view, region.page_size, runs, self.table)
+        self.stats.add_pages(pages, payload, P.HEADER_SIZE + len(runs) * P.RUN_SIZE + payload, postcopy=postcopy)
+        return runs
+
+    def check_owed(self, runs: NDArray[np.uint64]) -> None:
+        """Overridden by the post-copy service: a post-copy page must be owed."""
+        raise ProtocolError("post-copy PAGES before the switchover")
+
+    def receive_precopy(self, hello: P.Hello) -> Received:
+        assert self.region is not None and self.table is not None
+        region, table = self.region, self.table
+        rnd = 0
+        round_runs: list[NDArray[np.uint64]] = []
+        cursor = 0
+        state: bytes | None = None
+        state_limit = self.opts.max_state_bytes
+        if hello.state_size != P.UNKNOWN_SIZE:
+            state_limit = min(state_limit, hello.state_size)
+        before_state = (P.Frame.PAGES, P.Frame.ROUND_END, P.Frame.STATE, P.Frame.CANCEL, P.Frame.ERROR)
+        after_state = (P.Frame.COMPLETE, P.Frame.POSTCOPY, P.Frame.CANCEL, P.Frame.ERROR)
+        while True:
+            header = self.read_header("waiting for the next frame")
+            P.expect(header, before_state if state is None else after_state, "pre-copy" if state is None else "the switchover")
+            if header.type is P.Frame.PAGES:
+                runs = self.receive_pages(header, cursor)
+                round_runs.append(runs)
+                cursor = int(runs[-1, 0] + runs[-1, 1])
+            elif header.type is P.Frame.ROUND_END:
+                if header.length != 0 or header.count != rnd:
+                    raise ProtocolError(f"ROUND_END for round {header.count} (length {header.length}) in round {rnd}")
+                done = np.concatenate(round_runs) if round_runs else np.empty((0, 2), dtype=np.uint64)
+                hashes = np.ascontiguousarray(table[runs_to_pages(done)], dtype="<u8")
+                self.conn.send_all(
+                    P.encode_header(P.Frame.ACK, count=rnd, length=hashes.nbytes) + hashes.tobytes(), "sending ACK"
+                )
+                with self.stats.lock:
+                    self.stats.rounds = rnd + 1
+                    self.stats.pages_per_round.append(len(hashes))
+                rnd += 1
+                round_runs = []
+                cursor = 0
+            elif header.type is P.Frame.STATE:
+                if header.count != 0:
+                    raise ProtocolError("STATE frame with a non-zero count")
+                if header.length > state_limit:
+                    raise ProtocolError(f"state blob of {header.length} bytes is larger than the agreed {state_limit}")
+                state = bytes(self.conn.recv_exact(header.length, "receiving the state"))
+                self.stats.state_bytes = len(state)
+            elif header.type is P.Frame.COMPLETE:
+                digest = bytes(self.read_body(header, P.DIGEST_SIZE, "reading COMPLETE", exact=P.DIGEST_SIZE))
+                assert state is not None
+                self.verify(digest)
+                self.conn.send_all(P.encode_header(P.Frame.DONE), "sending DONE")
+                self.conn.close()
+                self.stats.verified = True
+                self.stats.remaining_bytes = 0
+                self.stats.finish("completed")
+                log.info("destination: migration %s committed", self.stats.migration_id)
+                received = Received(region, state, self.stats, hello.mode)
+                return received
+            elif header.type is P.Frame.POSTCOPY:
+                if not hello.features & P.FEATURE_POSTCOPY:
+                    raise ProtocolError(f"POSTCOPY switchover in a {hello.mode} migration that did not ask for post-copy")
+                words = (region.npages + 63) // 64
+                if header.count != words:
+                    raise ProtocolError(f"POSTCOPY bitmap of {header.count} words, expected {words}")
+                body = self.read_body(header, P.DIGEST_SIZE + 8 * words, "reading POSTCOPY", exact=P.DIGEST_SIZE + 8 * words)
+                digest, owed = P.decode_postcopy(body, region.npages)
+                assert state is not None
+                received = Received(region, state, self.stats, hello.mode)
+                received._start_postcopy(self, owed, digest)
+                return received
+            elif header.type is P.Frame.CANCEL:
+                reason = P.decode_cancel(bytes(self.read_body(header, P.MAX_CONTROL_BODY, "reading CANCEL")))
+                raise MigrationCancelled(f"the source cancelled the migration: {reason}")
+            else:  # ERROR
+                code, message = P.decode_error(bytes(self.read_body(header, P.MAX_CONTROL_BODY, "reading ERROR")))
+                raise error_from_peer(code, message, "the source")
+
+    def verify(self, digest: bytes) -> None:
+        """Rule 2: every page this side stored hashes to what the source holds at the pause."""
+        assert self.table is not None
+        if P.table_digest(self.table) != digest:
+            raise VerificationError(
+                "the destination's page hashes disagree with the source's at the pause: nothing committed"
+            )
+
+
+class Received:
+    """A migrated region and state on the destination; the program may resume with them.
+
+    After a pre-copy or stop-and-copy migration everything is present and
+    verified. After a post-copy switchover the pages still owed arrive in the
+    background: call :meth:`ensure` before touching a range (it asks the
+    source for those pages first) and :meth:`wait` to block until all arrived
+    and the region is verified. If the link breaks after the switch, what
+    arrived stays in :attr:`region` and :meth:`wait`/:meth:`ensure` raise
+    :class:`PeerLostError`.
+    """
+
+    def __init__(self, region: Region, state: bytes, stats: StatsRecorder, mode: str) -> None:
+        self.region = region
+        self.state = state
+        self.mode = mode
+        self._stats = stats
+        self._cond = threading.Condition()
+        self._missing: U64 | None = None
+        self._missing_count = 0
+        self._done = True
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._dest: Destination | None = None
+        self._send_lock = threading.Lock()
+
+    @property
+    def stats(self) -> MigrationStats:
+        """The destination's view of the migration (a fresh snapshot on every access)."""
+        return self._stats.snapshot()
+
+    @property
+    def migration_id(self) -> str:
+        return self._stats.migration_id
+
+    @property
+    def missing_pages(self) -> int:
+        """Pages still owed by the source (post-copy); 0 once everything arrived."""
+        with self._cond:
+            return self._missing_count
+
+    def _start_postcopy(self, dest: Destination, owed: U64, digest: bytes) -> None:
+        """Take over the connection after the POSTCOPY frame: confirm, then receive in the background."""
+        self._dest = dest
+        self._missing = owed
+        self._missing_count = int(_kernels.count_bits(owed))
+        self._done = False
+        dest.check_owed = self._check_owed  # type: ignore[method-assign]
+        dest.conn.send_all(P.encode_header(P.Frame.SWITCHED), "sending SWITCHED")
+        with self._stats.lock:
+            self._stats.status = "postcopy-active"
+            self._stats.remaining_bytes = self._missing_count * self.region.page_size
+        log.info("destination: post-copy switch, %d pages owed", self._missing_count)
+        self._thread = threading.Thread(
+            target=self._serve, args=(digest,), name=f"migcore-postcopy-{self.migration_id[:8]}", daemon=True
+        )
+        self._thread.start()
+
+    def _check_owed(self, runs: NDArray[np.uint64]) -> None:
+        assert self._missing is not None
+        with self._cond:
+            for first, count in runs.tolist():
+                if count_bits_in(self._missing, first, first + count) != count:
+                    raise ProtocolError(f"post-copy pages {first}..{first + count - 1} were not owed (or arrived twice)")
+
+    def _serve(self, digest: bytes) -> None:
+        """Background thread: receive owed pages until END, then verify and confirm."""
+        dest = self._dest
+        assert dest is not None and self._missing is not None
+        try:
+            while True:
+                header = dest.read_header("waiting for post-copy pages")
+                P.expect(header, (P.Frame.PAGES, P.Frame.END, P.Frame.ERROR), "post-copy")
+                if header.type is P.Frame.PAGES:
+                    runs = dest.receive_pages(header, 0, postcopy=True)
+                    with self._cond:
+                        for first, count in runs.tolist():
+                            _kernels.clear_bits(self._missing, first, first + count)
+                        self._missing_count -= int(runs[:, 1].sum())
+                        self._stats.remaining_bytes = self._missing_count * self.region.page_size
+                        self._cond.notify_all()
+                elif header.type is P.Frame.END:
+                    if header.length or header.count:
+                        raise ProtocolError("END frame with a body")
+                    if self._missing_count:
+                        raise ProtocolError(f"the source ended post-copy with {self._missing_count} pages still owed")
+                    dest.verify(digest)
+                    with self._send_lock:
+                        dest.conn.send_all(P.encode_header(P.Frame.DONE), "sending DONE")
+                    break
+                else:
+                    code, message = P.decode_error(bytes(dest.read_body(header, P.MAX_CONTROL_BODY, "reading ERROR")))
+                    raise error_from_peer(code, message, "the source")
+        except BaseException as exc:  # noqa: BLE001 - stored and re-raised by wait()/ensure()
+            frame = None if dest.conn.closed else _error_frame_for(exc)
+            with self._send_lock:
+                if frame is not None:
+                    dest.conn.abort_soon(frame)
+                else:
+                    dest.conn.close()
+            self._stats.finish("failed", str(exc))
+            log.warning("destination: post-copy failed after the switch, keeping what arrived: %r", exc)
+            with self._cond:
+                self._error = exc
+                self._done = True
+                self._cond.notify_all()
+            return
+        dest.conn.close()
+        self._stats.verified = True
+        self._stats.finish("completed")
+        log.info("destination: post-copy migration %s complete and verified", self.migration_id)
+        with self._cond:
+            self._done = True
+            self._cond.notify_all()
+
+    def _raise_error(self) -> None:
+        err = self._error
+        if err is None:
+            return
+        if isinstance(err, MigrationError):
+            raise type(err)(str(err)) from err
+        raise MigrationError(f"post-copy failed: {err!r}") from err
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until every page is present and verified (post-copy); return at once otherwise."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._done, timeout):
+                raise MigrationTimeout(f"{self._missing_count} pages still owed after {timeout:g} s")
+            self._raise_error()
+        if self._thread is not None:
+            self._thread.join()
+
+    def ensure(self, offset: int, length: int, timeout: float | None = None) -> None:
+        """Block until bytes ``[offset, offset + length)`` are present, asking the source for them first."""
+        if offset < 0 or length < 0 or offset + length > self.region.nbytes:
+            raise ValueError(f"byte range [{offset}, {offset + length}) outside the region's {self.region.nbytes} bytes")
+        if length == 0 or self._missing is None:
+            return
+        ps = self.region.page_size
+        first, stop = offset // ps, (offset + length - 1) // ps + 1
+        missing = self._missing
+        runs = np.empty((P.MAX_RUNS, 2), dtype=np.uint64)
+        with self._cond:
+            if count_bits_in(missing, first, stop) == 0:
+                return  # present pages stay usable even after a failure
+            if self._error is not None:
+                self._raise_error()
+            frames = []
+            cursor = first
+            while cursor < stop:
+                n = runs_in(missing, cursor, stop, runs)
+                if n == 0:
+                    break
+                frames.append(P.encode_runs_header(P.Frame.DEMAND, runs[:n], 0))
+                cursor = int(runs[n - 1, 0] + runs[n - 1, 1])
+                if n < len(runs):
+                    break
+        dest = self._dest
+        assert dest is not None
+        try:
+            with self._send_lock:
+                for frame in frames:
+                    dest.conn.send_all(frame, "sending DEMAND")
+        except MigrationError:
+            pass  # the background thread sees the broken link too and records the error
+        with self._stats.lock:
+            self._stats.postcopy_requests += len(frames)
+        with self._cond:
+            ok = self._cond.wait_for(lambda: self._error is not None or count_bits_in(missing, first, stop) == 0, timeout)
+            if self._error is not None and count_bits_in(missing, first, stop):
+                self._raise_error()
+            if not ok:
+                raise MigrationTimeout(f"pages {first}..{stop - 1} did not arrive within {timeout:g} s")
+
+    def __repr__(self) -> str:
+        return f"<migcore.Received {self.region.nbytes} bytes, {len(self.state)} state bytes, {self.missing_pages} pages owed>"

@@ -1,0 +1,548 @@
+"""The source's state machine: handshake, pre-copy rounds, convergence, switchover, post-copy service.
+
+The rounds compare each page's current hash with the hash the destination
+acknowledged storing (DESIGN.md rule 1), so a page that changed and changed
+back while it was being sent is still resent. The pause ends with a pass that
+finds the last dirty pages and the full hash table at once; the destination
+commits only when its table matches (rule 2). Until the destination confirms
+the switchover, any failure leaves the source buffer untouched and calls the
+user's ``resume`` if ``pause`` had been called (rule 3).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from migcore import _kernels
+from migcore import _protocol as P
+from migcore._destination import error_from_peer
+from migcore._errors import (
+    MigrationCancelled,
+    MigrationError,
+    MigrationTimeout,
+    PeerLostError,
+    ProtocolError,
+)
+from migcore._region import Region, new_bitmap, runs_in
+from migcore._stats import MigrationStats, StatsRecorder
+from migcore._trackers import HashTracker, Tracker, hash_delta_parallel, make_tracker, runs_to_pages, zero_page_hashes
+from migcore._transport import Connection
+
+log = logging.getLogger("migcore")
+
+U64 = NDArray[np.uint64]
+
+#: Largest page payload the source puts in one PAGES frame (pre-copy, stop-and-copy).
+BATCH_BYTES = 8 << 20
+#: Smaller batches after a post-copy switch, so a demand waits behind less background data.
+POSTCOPY_BATCH_BYTES = 256 << 10
+#: Most runs the source puts in one frame.
+BATCH_RUNS = 256
+#: Rounds without the dirty set shrinking before the migration counts as stalled.
+STALL_ROUNDS = 3
+#: Seconds between progress reports inside a long round.
+PROGRESS_INTERVAL = 0.1
+#: Rounds that moved less than this give no trustworthy bandwidth figure.
+MIN_BANDWIDTH_SAMPLE = 256 << 10
+THROTTLE_INITIAL = 20
+THROTTLE_INCREMENT = 10
+THROTTLE_MAX = 99
+
+ON_STALL = ("finish", "postcopy", "throttle", "cancel")
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    mode: str
+    tracker: str
+    downtime_limit: float
+    max_rounds: int
+    timeout: float | None
+    compat: str | None
+    on_stall: str
+    state: bytes | Callable[[], bytes]
+    pause: Callable[[], object] | None
+    resume: Callable[[], object] | None
+    throttle: Callable[[int], object] | None
+    progress: Callable[[MigrationStats], object] | None
+    threads: int = 2
+
+
+class Source:
+    """One outgoing migration of ``region`` over ``conn``."""
+
+    def __init__(self, region: Region, conn: Connection, opts: SourceOptions) -> None:
+        self.region = region
+        self.conn = conn
+        self.opts = opts
+        self.mid = uuid.uuid4().bytes
+        self.stats = StatsRecorder(
+            mode=opts.mode,
+            tracker=opts.tracker,
+            migration_id=self.mid.hex(),
+            page_size=region.page_size,
+            total_bytes=region.nbytes,
+        )
+        self.accept: P.Accept | None = None
+        self.paused_at: float | None = None
+        self.switched = False
+        self.in_doubt = False
+        self.throttle_level = 0
+        self.last_progress = 0.0
+        self.batch_runs = np.empty((BATCH_RUNS, 2), dtype=np.uint64)
+        self.bandwidth = 0.0
+        # the post-copy owed bitmap, kept for the error report if the link breaks
+        self.owed: U64 | None = None
+
+    # -- helpers -----------------------------------------------------------
+
+    def report(self, force: bool = False) -> None:
+        """Call the user's progress callback (at most every PROGRESS_INTERVAL unless forced)."""
+        if self.opts.progress is None:
+            return
+        now = time.monotonic()
+        if not force and now - self.last_progress < PROGRESS_INTERVAL:
+            return
+        self.last_progress = now
+        self.opts.progress(self.stats.snapshot())
+
+    def read_header(self, what: str) -> P.Header:
+        return P.decode_header(self.conn.recv_exact(P.HEADER_SIZE, what))
+
+    def read_body(self, header: P.Header, limit: int, what: str, *, exact: int | None = None) -> bytes:
+        return bytes(self.conn.recv_exact(P.check_length(header, limit, exact=exact), what))
+
+    def peer_error(self, header: P.Header) -> MigrationError:
+        code, message = P.decode_error(self.read_body(header, P.MAX_CONTROL_BODY, "reading ERROR"))
+        return error_from_peer(code, message, "the destination")
+
+    def expect_reply(self, allowed: tuple[P.Frame, ...], what: str) -> P.Header:
+        """Read the destination's next frame; turn ERROR into the matching exception."""
+        header = self.read_header(what)
+        if header.type is P.Frame.ERROR:
+            raise self.peer_error(header)
+        P.expect(header, allowed, what)
+        return header
+
+    def send_frame(self, data: bytes, what: str) -> None:
+        self.conn.send_all(data, what)
+        self.stats.add_wire(len(data))
+
+    # -- the handshake -------------------------------------------------------
+
+    def handshake(self, state_size: int) -> None:
+        region = self.region
+        features = P.FEATURE_POSTCOPY if self.opts.mode in ("postcopy", "hybrid") or self.opts.on_stall == "postcopy" else 0
+        hello = P.Hello(
+            version=P.PROTOCOL_VERSION,
+            page_size=region.page_size,
+            nbytes=region.nbytes,
+            mode=self.opts.mode,
+            tracker=self.opts.tracker,
+            features=features,
+            compat=self.opts.compat,
+            migration_id=self.mid,
+            state_size=state_size,
+        )
+        self.send_frame(P.encode_hello(hello), "sending HELLO")
+        header = self.read_header("waiting for ACCEPT")
+        if header.type is P.Frame.REFUSE:
+            raise P.decode_refuse(self.read_body(header, P.MAX_CONTROL_BODY, "reading REFUSE"))
+        if header.type is P.Frame.ERROR:
+            raise self.peer_error(header)
+        P.expect(header, (P.Frame.ACCEPT,), "the handshake")
+        self.accept = P.decode_accept(self.read_body(header, P.MAX_CONTROL_BODY, "reading ACCEPT"))
+        if self.accept.features & features != features:
+            raise ProtocolError("the destination accepted without the features this migration needs")
+
+    # -- sending pages -------------------------------------------------------
+
+    def send_bitmap(self, dirty: U64, *, phase: str) -> tuple[list[U64], int]:
+        """Send every page set in ``dirty`` in bounded PAGES frames; return the runs sent and their bytes."""
+        assert self.accept is not None
+        region = self.region
+        ps = region.page_size
+        cap = max(ps, min(BATCH_BYTES, self.accept.max_payload))
+        max_run = max(1, cap // ps)
+        nruns_cap = min(BATCH_RUNS, self.accept.max_runs)
+        out = self.batch_runs[:nruns_cap]
+        cursor = 0
+        sent: list[U64] = []
+        payload_total = 0
+        while cursor < region.npages:
+            nruns, resume = _kernels.dirty_runs(dirty, region.npages, out, cursor, max_run)
+            if nruns == 0:
+                break
+            runs = out[:nruns]
+            sizes = np.cumsum(runs[:, 1].astype(np.int64)) * ps
+            keep = int(np.searchsorted(sizes, cap, side="right"))  # runs fitting in one frame
+            if keep < nruns:
+                runs = runs[:keep]
+                resume = int(runs[-1, 0] + runs[-1, 1])  # the next run starts at or after this page
+            runs = runs.copy()
+            self.send_runs(runs, phase=phase)
+            sent.append(runs)
+            payload_total += P.runs_payload(runs, ps, region.nbytes)
+            cursor = resume
+        return sent, payload_total
+
+    def send_runs(self, runs: U64, *, phase: str, flags: int = 0) -> int:
+        """One PAGES frame, straight from the region; returns its payload bytes."""
+        region = self.region
+        payload = P.runs_payload(runs, region.page_size, region.nbytes)
+        header = P.encode_runs_header(P.Frame.PAGES, runs, payload, flags=flags)
+        self.conn.send_pages(
+            region.view,
+            region.page_size,
+            runs,
+            header,
+            len(header) + payload,
+            f"sending pages ({phase})",
+            between=self.report,
+        )
+        pages = int(runs[:, 1].sum())
+        self.stats.add_pages(pages, payload, len(header) + payload, postcopy=bool(flags & P.FLAG_POSTCOPY))
+        with self.stats.lock:
+            self.stats.remaining_bytes = max(0, self.stats.remaining_bytes - payload)
+        self.report()
+        return payload
+
+    # -- the pause -------------------------------------------------------------
+
+    def do_pause(self) -> None:
+        if self.opts.pause is not None:
+            self.opts.pause()
+        self.paused_at = time.monotonic()
+        log.debug("source: paused after %.3f s", self.paused_at - self.stats.started)
+
+    def get_state(self) -> bytes:
+        state = self.opts.state() if callable(self.opts.state) else self.opts.state
+        data = bytes(memoryview(state).cast("B"))
+        assert self.accept is not None
+        if len(data) > self.accept.max_state:
+            raise MigrationError(
+                f"state blob of {len(data)} bytes exceeds the destination's limit of {self.accept.max_state}"
+            )
+        return data
+
+    def final_pass(self, baseline: U64) -> tuple[U64, U64, int]:
+        """During the pause: dirty pages vs the acknowledged baseline, and the full current hash table."""
+        table = baseline.copy()
+        dirty = new_bitmap(self.region.npages)
+        count = hash_delta_parallel(self.region, table, dirty, self.opts.threads, update=True)
+        with self.stats.lock:
+            self.stats.rounds += 1
+            self.stats.pages_per_round.append(count)
+            self.stats.remaining_bytes = count * self.region.page_size
+        return dirty, table, count
+
+    # -- the whole run -------------------------------------------------------
+
+    def run(self) -> MigrationStats:
+        try:
+            declared = P.UNKNOWN_SIZE if callable(self.opts.state) else len(memoryview(self.opts.state).cast("B"))
+            self.handshake(declared)
+            self.stats.setup_time = time.monotonic() - self.stats.started
+            self.stats.status = "active"
+            self.report(force=True)
+            mode = self.opts.mode
+            tracker: Tracker | None = None
+            if mode in ("stopcopy", "postcopy"):
+                baseline = zero_page_hashes(self.region)
+                self.switch(baseline, postcopy=(mode == "postcopy"), first=True)
+            else:
+                tracker = make_tracker(self.opts.tracker, self.region)
+                try:
+                    baseline, postcopy = self.precopy(tracker)
+                    self.switch(baseline, postcopy=postcopy, first=False)
+                finally:
+                    tracker.close()
+        except BaseException as exc:
+            self.fail(exc)
+            raise
+        finally:
+            if self.throttle_level and self.opts.throttle is not None:
+                self.throttle_level = 0
+                self.stats.throttle_percentage = 0
+                self.opts.throttle(0)
+        return self.stats.snapshot()
+
+    def fail(self, exc: BaseException) -> None:
+        """Clean up after a failure: rule 3 before the switchover, keep what is owed after it."""
+        cancelled = isinstance(exc, MigrationCancelled)
+        self.stats.finish("cancelled" if cancelled else "failed", str(exc))
+        if not self.conn.closed:
+            if self.switched or isinstance(exc, (PeerLostError, MigrationTimeout)):
+                self.conn.close()
+            elif cancelled:
+                self.conn.abort_soon(P.encode_cancel(str(exc)))
+            elif isinstance(exc, ProtocolError):
+                self.conn.abort_soon(P.encode_error(P.ErrorCode.PROTOCOL, str(exc)))
+            else:
+                self.conn.abort_soon(P.encode_error(P.ErrorCode.INTERNAL, f"source failed: {exc}"))
+        if self.switched:
+            log.warning("source: post-copy failed after the switch; the destination holds the newest state: %s", exc)
+            return
+        if self.in_doubt:
+            log.warning("source: link lost while the destination was committing; not resuming: %s", exc)
+            return
+        if self.paused_at is not None and self.opts.resume is not None:
+            log.info("source: migration failed before the switchover, resuming the program: %s", exc)
+            self.opts.resume()
+        else:
+            log.info("source: migration failed before the switchover: %s", exc)
+
+    # -- pre-copy --------------------------------------------------------------
+
+    def precopy(self, tracker: Tracker) -> tuple[U64, bool]:
+        """Rounds while the program runs; returns the acknowledged baseline and whether to post-copy."""
+        region = self.region
+        ps = region.page_size
+        npages = region.npages
+        baseline = tracker.baseline if isinstance(tracker, HashTracker) else zero_page_hashes(region)
+        tracker.start()
+        dirty = new_bitmap(npages)
+        # round 0: everything that differs from a zero destination, whatever the tracker
+        t0 = time.monotonic()
+        count = hash_delta_parallel(region, baseline, dirty, self.opts.threads)
+        self.stats.zero_pages = npages - count
+        best = count
+        stalled = 0
+        rnd = 0
+        while True:
+            with self.stats.lock:
+                self.stats.remaining_bytes = count * ps
+                self.stats.pages_per_round.append(count)
+            self.report(force=True)
+            started = time.monotonic()
+            sent, payload = self.send_bitmap(dirty, phase=f"round {rnd}")
+            runs = np.concatenate(sent) if sent else np.empty((0, 2), dtype=np.uint64)
+            self.send_frame(P.encode_header(P.Frame.ROUND_END, count=rnd), "sending ROUND_END")
+            header = self.expect_reply((P.Frame.ACK,), f"waiting for the ACK of round {rnd}")
+            npg = int(runs[:, 1].sum()) if len(runs) else 0
+            if header.count != rnd:
+                raise ProtocolError(f"ACK for round {header.count} while waiting for round {rnd}")
+            body = self.read_body(header, 8 * npg, "reading ACK", exact=8 * npg)
+            hashes = np.frombuffer(body, dtype="<u8").astype(np.uint64)
+            if len(runs):
+                # rule 1: the next round compares with what the destination stored, not what was sent
+                if isinstance(tracker, HashTracker):
+                    tracker.acknowledge(runs, hashes)
+                else:
+                    baseline[runs_to_pages(runs)] = hashes
+            elapsed = max(time.monotonic() - started, 1e-6)
+            if payload >= MIN_BANDWIDTH_SAMPLE or self.bandwidth == 0.0:
+                self.bandwidth = max(payload / elapsed, 1.0)
+            rnd += 1
+            with self.stats.lock:
+                self.stats.rounds = rnd
+            count = tracker.collect(dirty)
+            round_time = max(time.monotonic() - t0, 1e-6)
+            t0 = time.monotonic()
+            expected = count * ps / self.bandwidth
+            with self.stats.lock:
+                self.stats.expected_downtime = expected
+                self.stats.remaining_bytes = count * ps
+                self.stats.dirty_pages_rate = count / round_time
+            self.report(force=True)
+            log.debug("source: round %d sent %d pages, %d dirty, expected downtime %.4f s", rnd - 1, npg, count, expected)
+            if expected <= self.opts.downtime_limit:
+                return baseline, False
+            if count < best:
+                best = count
+                stalled = 0
+            else:
+                stalled += 1
+            if stalled < STALL_ROUNDS and rnd < self.opts.max_rounds:
+                continue
+            action = self.opts.on_stall
+            log.info("source: pre-copy stalled after %d rounds (%d pages dirty): %s", rnd, count, action)
+            if action == "cancel":
+                raise MigrationCancelled(
+                    f"pre-copy did not converge after {rnd} rounds ({count} pages still dirty); source untouched"
+                )
+            if action == "postcopy":
+                return baseline, True
+            if action == "throttle" and rnd < self.opts.max_rounds and self.opts.throttle is not None:
+                level = THROTTLE_INITIAL if not self.throttle_level else self.throttle_level + THROTTLE_INCREMENT
+                self.throttle_level = min(THROTTLE_MAX, level)
+                self.stats.throttle_percentage = self.throttle_level
+                self.opts.throttle(self.throttle_level)
+                stalled = 0
+                best = count
+                continue
+            return baseline, False
+
+    # -- the switchover --------------------------------------------------------
+
+    def switch(self, baseline: U64, *, postcopy: bool, first: bool) -> None:
+        """Pause, send what is left (or the owed list) and the state, and wait for the destination's commit."""
+        self.do_pause()
+        dirty, table, count = self.final_pass(baseline)
+        if first:
+            self.stats.zero_pages = self.region.npages - count
+        digest = P.table_digest(table)
+        if not postcopy:
+            self.send_bitmap(dirty, phase="stop-and-copy")
+        state = self.get_state()
+        self.stats.state_bytes = len(state)
+        self.send_frame(P.encode_header(P.Frame.STATE, length=len(state)) + state, "sending the state")
+        if not postcopy:
+            self.send_frame(P.encode_header(P.Frame.COMPLETE, length=len(digest)) + digest, "sending COMPLETE")
+            self.await_switch(P.Frame.DONE, "waiting for the destination to commit")
+            self.finish_ok()
+            return
+        self.send_frame(P.encode_postcopy(digest, dirty), "sending POSTCOPY")
+        self.await_switch(P.Frame.SWITCHED, "waiting for the destination to switch to post-copy")
+        self.stats.downtime = time.monotonic() - (self.paused_at or time.monotonic())
+        self.postcopy_service(dirty, count)
+        self.finish_ok()
+
+    def await_switch(self, frame: P.Frame, what: str) -> None:
+        """Wait for the destination's confirmation; a lost link now leaves the outcome in doubt."""
+        self.in_doubt = True
+        try:
+            self.expect_reply((frame,), what)
+        except PeerLostError as exc:
+            raise PeerLostError(
+                f"{exc}; the destination may or may not have switched over, so the source did not resume",
+                in_doubt=True,
+                migration_id=self.mid.hex(),
+            ) from exc
+        except MigrationTimeout as exc:
+            raise MigrationTimeout(
+                f"{exc}; the destination may or may not have switched over, so the source did not resume"
+            ) from exc
+        except MigrationError:
+            self.in_doubt = False  # the destination answered: it refused, nothing switched
+            raise
+        self.in_doubt = False
+        self.switched = True
+
+    def finish_ok(self) -> None:
+        with self.stats.lock:
+            if not self.stats.downtime:
+                self.stats.downtime = time.monotonic() - (self.paused_at or time.monotonic())
+            self.stats.remaining_bytes = 0
+            self.stats.expected_downtime = 0.0
+            self.stats.verified = True
+        self.stats.finish("completed")
+        self.conn.close()
+        self.report(force=True)
+        log.info("source: migration %s completed", self.mid.hex())
+
+    # -- post-copy ---------------------------------------------------------------
+
+    def postcopy_service(self, owed: U64, count: int) -> None:
+        """Push every owed page exactly once; demanded runs jump the queue."""
+        region = self.region
+        ps = region.page_size
+        npages = region.npages
+        self.owed = owed
+        last = npages - 1
+        owed_bytes = count * ps - ((npages * ps - region.nbytes) if int(owed[last >> 6]) >> (last & 63) & 1 else 0)
+        with self.stats.lock:
+            self.stats.status = "postcopy-active"
+            self.stats.remaining_bytes = count * ps
+        self.report(force=True)
+        demands: collections.deque[tuple[int, int]] = collections.deque()
+        done = threading.Event()
+        errors: list[BaseException] = []
+
+        def reader() -> None:
+            try:
+                while True:
+                    header = self.read_header("waiting for post-copy demands")
+                    if header.type is P.Frame.ERROR:
+                        raise self.peer_error(header)
+                    P.expect(header, (P.Frame.DEMAND, P.Frame.DONE), "post-copy")
+                    if header.type is P.Frame.DONE:
+                        done.set()
+                        return
+                    if not 0 < header.count <= P.MAX_RUNS:
+                        raise ProtocolError(f"DEMAND with {header.count} runs")
+                    table = self.read_body(header, P.MAX_RUNS * P.RUN_SIZE, "reading DEMAND", exact=header.count * P.RUN_SIZE)
+                    runs = P.decode_runs(table, header.count)
+                    P.validate_runs(runs, npages)
+                    with self.stats.lock:
+                        self.stats.postcopy_requests += 1
+                    demands.extend((int(a), int(a + n)) for a, n in runs)
+            except BaseException as exc:  # noqa: BLE001 - handed to the sender loop
+                errors.append(exc)
+                done.set()
+
+        thread = threading.Thread(target=reader, name="migcore-postcopy-demands", daemon=True)
+        thread.start()
+        try:
+            remaining = count
+            cursor = 0
+            cap = max(ps, min(POSTCOPY_BATCH_BYTES, self.accept.max_payload if self.accept else POSTCOPY_BATCH_BYTES))
+            max_run = max(1, cap // ps)
+            out = np.empty((BATCH_RUNS, 2), dtype=np.uint64)
+            while remaining:
+                if errors:
+                    raise errors[0]
+                runs = self.next_demanded(demands, owed, out, cap)
+                if runs is None:
+                    nruns, resume = _kernels.dirty_runs(owed, npages, out, cursor, max_run)
+                    if nruns == 0:
+                        raise AssertionError("owed pages vanished from the owed bitmap")
+                    runs = out[:nruns]
+                    sizes = np.cumsum(runs[:, 1].astype(np.int64)) * ps
+                    keep = max(1, int(np.searchsorted(sizes, cap, side="right")))
+                    runs = runs[:keep].copy()
+                    cursor = int(runs[-1, 0] + runs[-1, 1]) if keep < nruns else resume
+                # exactly once: a page leaves the owed bitmap before its bytes go out
+                for first, n in runs.tolist():
+                    _kernels.clear_bits(owed, first, first + n)
+                remaining -= int(runs[:, 1].sum())
+                self.send_runs(runs, phase="post-copy", flags=P.FLAG_POSTCOPY)
+            self.send_frame(P.encode_header(P.Frame.END), "sending END")
+            if not done.wait(self.opts.timeout):
+                raise MigrationTimeout(f"the destination did not confirm post-copy within {self.opts.timeout:g} s")
+            if errors:
+                raise errors[0]
+        except PeerLostError as exc:
+            # the destination confirms post-copy pages only all at once (DONE): every page owed at
+            # the switch is still owed from the source's point of view; some never left at all
+            unsent = int(_kernels.count_bits(owed))
+            raise PeerLostError(
+                f"{exc}; after the post-copy switch the destination has not confirmed {count} owed pages "
+                f"({unsent} never sent); migration {self.mid.hex()} can be resumed from the source's buffer",
+                owed_pages=count,
+                owed_bytes=owed_bytes,
+                migration_id=self.mid.hex(),
+            ) from exc
+        finally:
+            self.conn.close()
+            thread.join()
+
+    def next_demanded(self, demands: collections.deque[tuple[int, int]], owed: U64, out: U64, cap: int) -> U64 | None:
+        """The next batch of still-owed pages inside the oldest demanded range, or None."""
+        ps = self.region.page_size
+        while demands:
+            first, stop = demands[0]
+            k = runs_in(owed, first, stop, out, max(1, cap // ps))
+            if k == 0:
+                demands.popleft()
+                continue
+            runs = out[:k]
+            sizes = np.cumsum(runs[:, 1].astype(np.int64)) * ps
+            keep = max(1, int(np.searchsorted(sizes, cap, side="right")))
+            runs = runs[:keep].copy()
+            end = int(runs[-1, 0] + runs[-1, 1])
+            if keep < k or k == len(out):
+                demands[0] = (end, stop)
+            else:
+                demands.popleft()
+            return runs
+        return None

@@ -1,0 +1,135 @@
+"""Migration statistics, named after QEMU's ``query-migrate`` so operators recognise them."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+STATUSES = ("setup", "active", "postcopy-active", "completed", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class MigrationStats:
+    """A snapshot of one migration, as seen by the side that reports it.
+
+    Times are in seconds, sizes in bytes. ``rounds`` counts dirty-page
+    synchronisations, the final one during the pause included (QEMU's
+    ``dirty-sync-count``). ``downtime`` runs from ``pause()`` returning to the
+    destination confirming it holds what it needs to resume.
+    """
+
+    status: str = "setup"
+    mode: str = ""
+    tracker: str = ""
+    migration_id: str = ""
+    page_size: int = 0
+    total_time: float = 0.0
+    setup_time: float = 0.0
+    downtime: float = 0.0
+    expected_downtime: float = 0.0
+    rounds: int = 0
+    transferred_bytes: int = 0
+    remaining_bytes: int = 0
+    total_bytes: int = 0
+    zero_pages: int = 0
+    normal_pages: int = 0
+    normal_bytes: int = 0
+    dirty_pages_rate: float = 0.0
+    mbps: float = 0.0
+    postcopy_requests: int = 0
+    postcopy_pages: int = 0
+    pages_per_round: tuple[int, ...] = ()
+    state_bytes: int = 0
+    throttle_percentage: int = 0
+    verified: bool = False
+    error: str = ""
+
+
+class StatsRecorder:
+    """The mutable counters behind :class:`MigrationStats`; ``snapshot()`` freezes them.
+
+    Shared by the engine's threads (post-copy sender and demand reader), so
+    updates that touch several fields go through ``lock``.
+    """
+
+    def __init__(self, *, mode: str, tracker: str, migration_id: str, page_size: int, total_bytes: int) -> None:
+        self.lock = threading.Lock()
+        self.started = time.monotonic()
+        self.ended: float | None = None
+        self.status = "setup"
+        self.mode = mode
+        self.tracker = tracker
+        self.migration_id = migration_id
+        self.page_size = page_size
+        self.total_bytes = total_bytes
+        self.setup_time = 0.0
+        self.downtime = 0.0
+        self.expected_downtime = 0.0
+        self.rounds = 0
+        self.transferred_bytes = 0
+        self.remaining_bytes = total_bytes
+        self.zero_pages = 0
+        self.normal_pages = 0
+        self.normal_bytes = 0
+        self.dirty_pages_rate = 0.0
+        self.postcopy_requests = 0
+        self.postcopy_pages = 0
+        self.pages_per_round: list[int] = []
+        self.state_bytes = 0
+        self.throttle_percentage = 0
+        self.verified = False
+        self.error = ""
+
+    def add_pages(self, pages: int, payload: int, wire: int, *, postcopy: bool = False) -> None:
+        """Count one PAGES frame: ``payload`` page bytes, ``wire`` bytes in all."""
+        with self.lock:
+            self.normal_pages += pages
+            self.normal_bytes += payload
+            self.transferred_bytes += wire
+            if postcopy:
+                self.postcopy_pages += pages
+
+    def add_wire(self, nbytes: int) -> None:
+        with self.lock:
+            self.transferred_bytes += nbytes
+
+    def finish(self, status: str, error: str = "") -> None:
+        with self.lock:
+            self.status = status
+            self.error = error
+            if self.ended is None:
+                self.ended = time.monotonic()
+
+    def snapshot(self) -> MigrationStats:
+        with self.lock:
+            now = self.ended if self.ended is not None else time.monotonic()
+            total = max(now - self.started, 1e-9)
+            return MigrationStats(
+                status=self.status,
+                mode=self.mode,
+                tracker=self.tracker,
+                migration_id=self.migration_id,
+                page_size=self.page_size,
+                total_time=total,
+                setup_time=self.setup_time,
+                downtime=self.downtime,
+                expected_downtime=self.expected_downtime,
+                rounds=self.rounds,
+                transferred_bytes=self.transferred_bytes,
+                remaining_bytes=self.remaining_bytes,
+                total_bytes=self.total_bytes,
+                zero_pages=self.zero_pages,
+                normal_pages=self.normal_pages,
+                normal_bytes=self.normal_bytes,
+                dirty_pages_rate=self.dirty_pages_rate,
+                mbps=self.transferred_bytes * 8 / 1e6 / total,
+                postcopy_requests=self.postcopy_requests,
+                postcopy_pages=self.postcopy_pages,
+                pages_per_round=tuple(self.pages_per_round),
+                state_bytes=self.state_bytes,
+                throttle_percentage=self.throttle_percentage,
+                verified=self.verified,
+                error=self.error,
+            )
+

@@ -1,0 +1,310 @@
+"""Byte streams between the two ends: addresses, connect/listen/accept, exact reads, timeouts.
+
+Sockets are non-blocking; every wait goes through ``poll`` with the
+connection's timeout (the longest wait for the peer to make progress), so a
+silent peer becomes a :class:`MigrationTimeout` and a closed or reset one a
+:class:`PeerLostError`. Frame headers are read with ``recv_into`` of exactly
+their size, never more, because the page payload that follows is read by the
+fast path's ``recv_runs`` straight into the destination region.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from migcore import _kernels
+from migcore._errors import MigrationTimeout, PeerLostError
+
+
+@dataclass(frozen=True)
+class Address:
+    scheme: str  # "tcp" | "unix"
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    def __str__(self) -> str:
+        if self.scheme == "unix":
+            return f"unix://{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp://{host}:{self.port}"
+
+
+def parse_address(address: str) -> Address:
+    """``tcp://HOST:PORT`` (``[v6]:PORT`` too) or ``unix:///absolute/path``."""
+    if not isinstance(address, str):
+        raise TypeError(f"address must be a str like 'tcp://127.0.0.1:0', not {type(address).__name__}")
+    scheme, sep, rest = address.partition("://")
+    if not sep:
+        raise ValueError(f"address {address!r} has no scheme; use tcp://HOST:PORT or unix:///PATH")
+    if scheme == "unix":
+        if not rest:
+            raise ValueError(f"address {address!r} has no socket path")
+        return Address("unix", path=rest)
+    if scheme != "tcp":
+        raise ValueError(f"unsupported transport {scheme!r} in {address!r}; use tcp:// or unix://")
+    host, colon, port = rest.rpartition(":")
+    if not colon or not port.isdigit():
+        raise ValueError(f"address {address!r} needs a port: tcp://HOST:PORT")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not host:
+        raise ValueError(f"address {address!r} needs a host")
+    if not 0 <= int(port) <= 65535:
+        raise ValueError(f"port {port} out of range")
+    return Address("tcp", host=host, port=int(port))
+
+
+def _lost(what: str, exc: BaseException | None = None) -> PeerLostError:
+    detail = f": {exc}" if exc is not None else ""
+    return PeerLostError(f"peer lost while {what}{detail}")
+
+
+class Connection:
+    """One non-blocking stream socket with exact reads, full writes and a per-wait timeout.
+
+    A connection may be used by two threads at once, one reading and one
+    writing (the post-copy service does), never two readers or two writers.
+    """
+
+    def __init__(self, sock: socket.socket, timeout: float | None) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.timeout = timeout
+        self.received = 0
+        self.sent = 0
+        self._closed = False
+        self._close_lock = threading.Lock()
+
+    # -- waiting -----------------------------------------------------------
+
+    def _wait(self, events: int, what: str) -> None:
+        """Block until the socket is ready for ``events`` or the timeout passes."""
+        if self._closed:
+            raise _lost(what, OSError(errno.EBADF, "connection closed"))
+        poller = select.poll()
+        poller.register(self.fd, events | select.POLLERR | select.POLLHUP)
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        while True:
+            wait = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
+            ready = poller.poll(wait * 1000)
+            if ready:
+                return
+            if self._closed:
+                raise _lost(what, OSError(errno.EBADF, "connection closed"))
+            if deadline is not None and time.monotonic() >= deadline:
+                raise MigrationTimeout(f"peer sent nothing for {self.timeout:g} s while {what}")
+
+    # -- reading -----------------------------------------------------------
+
+    def recv_into_exact(self, buf: memoryview, what: str) -> None:
+        """Fill ``buf`` exactly (a header, runs table, state...); EOF before the end is a lost peer."""
+        got = 0
+        n = buf.nbytes
+        while got < n:
+            try:
+                k = self.sock.recv_into(buf[got:], n - got)
+            except (BlockingIOError, InterruptedError):
+                self._wait(select.POLLIN, what)
+                continue
+            except OSError as exc:
+                raise _lost(what, exc) from exc
+            if k == 0:
+                raise _lost(what, OSError(f"connection closed after {got} of {n} bytes"))
+            got += k
+            self.received += k
+
+    def recv_exact(self, n: int, what: str) -> bytearray:
+        buf = bytearray(n)
+        self.recv_into_exact(memoryview(buf), what)
+        return buf
+
+    def recv_pages(self, view: memoryview, page_size: int, runs: NDArray[np.uint64], total: int, what: str) -> None:
+        """Receive ``total`` payload bytes of validated ``runs`` straight into ``view``."""
+        done = 0
+        while done < total:
+            try:
+                k = _kernels.recv_runs(self.fd, view, page_size, runs, done)
+            except (BlockingIOError, InterruptedError):
+                self._wait(select.POLLIN, what)
+                continue
+            except OSError as exc:
+                raise _lost(what, exc) from exc
+            if k == 0:
+                # recv_runs returns short at EOF, but also when it would block after some bytes
+                self._wait(select.POLLIN, what)
+                try:
+                    k = _kernels.recv_runs(self.fd, view, page_size, runs, done)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError as exc:
+                    raise _lost(what, exc) from exc
+                if k == 0:
+                    raise _lost(what, OSError(f"connection closed after {done} of {total} page bytes"))
+            done += k
+            self.received += k
+
+    # -- writing -----------------------------------------------------------
+
+    def send_all(self, data: bytes | bytearray | memoryview, what: str) -> None:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < view.nbytes:
+            try:
+                k = self.sock.send(view[done:])
+            except (BlockingIOError, InterruptedError):
+                self._wait(select.POLLOUT, what)
+                continue
+            except OSError as exc:
+                raise _lost(what, exc) from exc
+            done += k
+            self.sent += k
+
+    def send_pages(
+        self,
+        view: memoryview,
+        page_size: int,
+        runs: NDArray[np.uint64],
+        header: bytes,
+        total: int,
+        what: str,
+        between: Callable[[], None] | None = None,
+    ) -> None:
+        """Send ``header`` then the pages of ``runs`` straight from ``view`` (``total`` bytes in all)."""
+        done = 0
+        while done < total:
+            try:
+                k = _kernels.send_runs(self.fd, view, page_size, runs, header, done)
+            except (BlockingIOError, InterruptedError):
+                if between is not None:
+                    between()
+                self._wait(select.POLLOUT, what)
+                continue
+            except OSError as exc:
+                raise _lost(what, exc) from exc
+            done += k
+            self.sent += k
+
+    # -- closing -----------------------------------------------------------
+
+    def close(self) -> None:
+        """Close once; a thread blocked in a wait on this connection wakes with a lost-peer error."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+    def abort_soon(self, data: bytes, seconds: float = 0.5) -> None:
+        """Best effort: send a last frame (ERROR/CANCEL) within ``seconds``, then close."""
+        saved = self.timeout
+        self.timeout = seconds
+        try:
+            self.send_all(data, "sending a last error frame")
+        except (PeerLostError, MigrationTimeout, OSError):
+            pass
+        finally:
+            self.timeout = saved
+            self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+
+def connect(address: str, timeout: float | None) -> Connection:
+    """Open a connection to a listening destination."""
+    addr = parse_address(address)
+    try:
+        if addr.scheme == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(timeout)
+                sock.connect(addr.path)
+            except BaseException:
+                sock.close()
+                raise
+        else:
+            sock = socket.create_connection((addr.host, addr.port), timeout=timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except TimeoutError as exc:
+        raise MigrationTimeout(f"could not connect to {addr} within {timeout:g} s") from exc
+    except OSError as exc:
+        raise PeerLostError(f"could not connect to {addr}: {exc}") from exc
+    return Connection(sock, timeout)
+
+
+class Server:
+    """A bound, listening socket that hands out :class:`Connection` objects."""
+
+    def __init__(self, address: str, backlog: int = 8) -> None:
+        addr = parse_address(address)
+        self._unlink: str | None = None
+        if addr.scheme == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.bind(addr.path)
+            except BaseException:
+                sock.close()
+                raise
+            self._unlink = addr.path
+            bound = addr
+        else:
+            family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((addr.host, addr.port))
+            except BaseException:
+                sock.close()
+                raise
+            bound = Address("tcp", host=addr.host, port=sock.getsockname()[1])
+        sock.listen(backlog)
+        sock.setblocking(False)
+        self.sock = sock
+        self.address = str(bound)
+        self._closed = False
+
+    def accept(self, timeout: float | None) -> Connection:
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLIN)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._closed:
+                raise PeerLostError("listener closed")
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                wait = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
+                if deadline is not None and wait <= 0:
+                    raise MigrationTimeout(f"no source connected within {timeout:g} s") from None
+                poller.poll(wait * 1000)
+                continue
+            if conn.family in (socket.AF_INET, socket.AF_INET6):
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return Connection(conn, timeout)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.sock.close()
+        if self._unlink is not None:
+            try:
+                os.unlink(self._unlink)
+            except OSError:
+                pass

@@ -1,0 +1,88 @@
+"""A loopback TCP proxy that forwards both ways and cuts the link after N source-to-destination bytes."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+
+class CutProxy:
+    """Accepts one connection, forwards it to ``target`` and cuts both sides after ``cut_after`` bytes."""
+
+    def __init__(self, target: str, cut_after: int | None) -> None:
+        host, port = target.removeprefix("tcp://").rsplit(":", 1)
+        self.target = (host, int(port))
+        self.cut_after = cut_after
+        self.forwarded = 0
+        self.cut = threading.Event()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.address = f"tcp://127.0.0.1:{self.server.getsockname()[1]}"
+        self._socks: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self._threads: list[threading.Thread] = []
+        t = threading.Thread(target=self._accept, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _accept(self) -> None:
+        try:
+            client, _ = self.server.accept()
+        except OSError:
+            return
+        try:
+            upstream = socket.create_connection(self.target)
+        except OSError:
+            client.close()
+            return
+        with self._lock:
+            self._socks += [client, upstream]
+            if self._closed:
+                self._shut()
+                return
+        for src, dst, counted in ((client, upstream, True), (upstream, client, False)):
+            t = threading.Thread(target=self._pump, args=(src, dst, counted), daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _pump(self, src: socket.socket, dst: socket.socket, counted: bool) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    dst.shutdown(socket.SHUT_WR)
+                    return
+                if counted and self.cut_after is not None:
+                    room = self.cut_after - self.forwarded
+                    if len(data) >= room:
+                        dst.sendall(data[:room])
+                        self.forwarded += room
+                        self.close()
+                        return
+                    self.forwarded += len(data)
+                dst.sendall(data)
+        except OSError:
+            self.close()
+
+    def _shut(self) -> None:
+        for s in self._socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self.cut.set()
+            self._shut()
+        self.server.close()
+
+    def join(self) -> None:
+        self.close()
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(10)
