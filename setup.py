@@ -35,7 +35,7 @@ def xxhash_include_dirs() -> list[str]:
     ]
     for folder in candidates:
         if folder and (Path(folder) / HEADER).is_file():
-            return [folder]
+            return [] if folder == "/usr/include" else [folder]  # the compiler searches it anyway
     sys.exit(INSTALL_HINT.format(header=HEADER))
 
 

@@ -111,3 +111,6 @@ def recv_runs(fd: int, buf: Buffer, page_size: int, runs: _U64, offset: int = 0)
     reads as a short count, possibly 0). Raises ``OSError`` only when nothing
     at all could be received for another reason than end of file.
     """
+
+def _xxh3_variant(buf: Buffer, variant: str) -> int | None:
+    """XXH3_64 of ``buf`` with one named compiled loop ("plain", "avx2", "avx512"); None where unavailable. For tests."""

@@ -118,10 +118,19 @@ def hash_runs(buf: Any, page_size: int, runs: _U64, out: _U64) -> None:
 
 
 def _write_bits(bitmap: _U64, start: int, flags: NDArray[np.bool_]) -> None:
-    """Store ``flags`` as bits ``start..start+len(flags)`` of ``bitmap``."""
-    bits = np.unpackbits(bitmap.view(np.uint8), bitorder="little")
-    bits[start : start + len(flags)] = flags
-    bitmap[:] = np.packbits(bits, bitorder="little").view(np.uint64)
+    """Store ``flags`` as bits ``start..start+len(flags)`` of ``bitmap``.
+
+    Only the words holding those bits are rewritten, so threads working on
+    64-bit-aligned ranges of one bitmap never undo each other's writes.
+    """
+    stop = start + len(flags)
+    if stop == start:
+        return
+    words = bitmap[start // 64 : -(-stop // 64)]
+    bits = np.unpackbits(words.view(np.uint8), bitorder="little")
+    offset = start // 64 * 64
+    bits[start - offset : stop - offset] = flags
+    words[:] = np.packbits(bits, bitorder="little").view(np.uint64)
 
 
 def hash_delta(
@@ -154,9 +163,9 @@ def hash_delta(
 def compare_hashes(current: _U64, baseline: _U64, dirty: _U64) -> int:
     _check_u64(current, "current")
     _check_u64(baseline, "baseline")
-    n = current.shape[0]
-    if current.ndim != 1 or baseline.ndim != 1 or baseline.shape[0] < n:
+    if current.ndim != 1 or baseline.ndim != 1 or baseline.shape[0] < current.shape[0]:
         raise ValueError("current and baseline must be 1-D, baseline at least as long")
+    n = current.shape[0]
     _check_bitmap(dirty, n, "dirty", writable=True)
     flags = current != baseline[:n]
     _write_bits(dirty, 0, flags)
@@ -225,7 +234,7 @@ def clear_bits(bitmap: _U64, start: int, stop: int) -> None:
 
 def count_bits(bitmap: _U64) -> int:
     _check_u64(bitmap, "bitmap")
-    return int(np.unpackbits(bitmap.view(np.uint8)).sum())
+    return int(np.unpackbits(bitmap.reshape(-1).view(np.uint8)).sum())
 
 
 def _binary(a: _U64, b: _U64, out: _U64) -> None:
@@ -256,6 +265,8 @@ def andnot_bits(a: _U64, b: _U64, out: _U64) -> int:
 
 def runs_nbytes(runs: _U64, page_size: int, nbytes: int) -> int:
     _check_page_size(page_size)
+    if nbytes < 0:
+        raise ValueError(f"nbytes must be >= 0, got {nbytes}")
     _check_runs(runs, _npages(nbytes, page_size))
     total = 0
     for first, count in runs.tolist():
@@ -292,7 +303,8 @@ def _move(fd: int, segments: list[memoryview], call: Any) -> int:
     while segments:
         try:
             n = call(fd, segments[:IOV_MAX])
-        except (BlockingIOError, InterruptedError):
+        except OSError:
+            # Bytes already moved must be reported; the error returns on the next call.
             if done:
                 return done
             raise
@@ -309,10 +321,11 @@ def send_runs(
     view = _bytes_view(buf)
     _check_page_size(page_size)
     _check_runs(runs, _npages(len(view), page_size))
-    total = len(memoryview(header)) + runs_nbytes(runs, page_size, len(view))
+    head = _bytes_view(header)
+    total = len(head) + runs_nbytes(runs, page_size, len(view))
     if not 0 <= offset <= total:
         raise ValueError(f"offset {offset} outside 0..{total}")
-    segments = _skip(_segments(view, page_size, runs, _bytes_view(header)), offset)
+    segments = _skip(_segments(view, page_size, runs, head), offset)
     return _move(fd, segments, os.writev)
 
 
