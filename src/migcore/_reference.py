@@ -85,7 +85,7 @@ def _check_runs(runs: Any, npages: int | None = None) -> _U64:
         for first, count in runs.tolist():
             if first + count > npages:
                 raise ValueError(f"run ({first}, {count}) outside the region's {npages} pages")
-    return runs
+    return runs  # type: ignore[no-any-return]
 
 
 def _page(view: memoryview, page_size: int, i: int) -> memoryview:

@@ -75,7 +75,7 @@ class Region:
     def __init__(self, buffer: Any, page_size: int = 4096) -> None:
         check_page_size(page_size)
         if isinstance(buffer, Region):
-            buffer = buffer._obj
+            buffer = buffer.obj
         try:
             view = memoryview(buffer)
         except TypeError:
@@ -91,7 +91,7 @@ class Region:
             raise ValueError("a Region cannot be empty")
         if view.ndim != 1 or view.format != "B":
             view = view.cast("B")
-        self._obj = buffer
+        self._obj: Any = buffer
         self._view = view
         self._page_size = page_size
         self._npages = -(-view.nbytes // page_size)

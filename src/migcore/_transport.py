@@ -169,6 +169,8 @@ class Connection:
                 raise _lost(what, exc) from exc
             done += k
             self.sent += k
+            if k == 0:  # nothing moved and no error: wait rather than spin
+                self._wait(select.POLLOUT, what)
 
     def send_pages(
         self,
@@ -194,6 +196,8 @@ class Connection:
                 raise _lost(what, exc) from exc
             done += k
             self.sent += k
+            if k == 0:  # nothing moved and no error: wait rather than spin
+                self._wait(select.POLLOUT, what)
 
     # -- closing -----------------------------------------------------------
 
