@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -22,17 +21,6 @@ HYPOTHESIS = settings(
     max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 
-
-@pytest.fixture
-def fastpath() -> ModuleType:
-    """The compiled module alone, for sizes the plain reference would take minutes over."""
-    try:
-        from migcore import _fastpath
-    except ImportError:  # pragma: no cover - only without a build
-        if os.environ.get("MIGCORE_REQUIRE_FASTPATH") == "1":
-            pytest.fail("migcore._fastpath is not built (MIGCORE_REQUIRE_FASTPATH=1)")
-        pytest.skip("migcore._fastpath is not built")
-    return _fastpath
 
 
 def unpack(bitmap: U64) -> NDArray[np.uint8]:

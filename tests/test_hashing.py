@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import mmap
-import os
 import sys
 import threading
 import time
@@ -27,17 +26,6 @@ HYPOTHESIS = settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 
-
-@pytest.fixture
-def fastpath() -> ModuleType:
-    """The compiled module alone, for properties only it promises (the GIL released)."""
-    try:
-        from migcore import _fastpath
-    except ImportError:  # pragma: no cover - only without a build
-        if os.environ.get("MIGCORE_REQUIRE_FASTPATH") == "1":
-            pytest.fail("migcore._fastpath is not built (MIGCORE_REQUIRE_FASTPATH=1)")
-        pytest.skip("migcore._fastpath is not built")
-    return _fastpath
 
 
 def random_bytes(n: int, seed: int = 0) -> bytes:
