@@ -57,4 +57,4 @@ typecheck: build
 	$(PY) -m mypy
 
 clean:
-	rm -rf build dist src/*.egg-info src/migcore/_fastpath.c src/migcore/_fastpath*.so .pytest_cache .benchmarks
+	rm -rf build dist src/*.egg-info src/migcore/_fastpath.c src/migcore/_fastpath*.so src/migcore/_uffd.c src/migcore/_uffd*.so .pytest_cache .benchmarks

@@ -42,15 +42,27 @@ def xxhash_include_dirs() -> list[str]:
 def extensions() -> list[Extension]:
     from Cython.Build import cythonize
 
+    include_dirs = xxhash_include_dirs()
     ext = Extension(
         "migcore._fastpath",
         sources=["src/migcore/_fastpath.pyx"],
-        include_dirs=xxhash_include_dirs(),
+        include_dirs=include_dirs,
         extra_compile_args=["-O3", "-fno-strict-aliasing"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )
+    exts = [ext]
+    if sys.platform.startswith("linux"):
+        # userfaultfd write tracking and post-copy; it hashes post-copy pages with XXH3 as they land
+        exts.append(
+            Extension(
+                "migcore._uffd",
+                sources=["src/migcore/_uffd.pyx"],
+                include_dirs=include_dirs,
+                extra_compile_args=["-O2", "-fno-strict-aliasing"],
+            )
+        )
     return cythonize(
-        [ext],
+        exts,
         language_level=3,
         compiler_directives={
             "boundscheck": False,

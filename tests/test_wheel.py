@@ -38,6 +38,8 @@ def test_sdist_carries_sources_stub_and_tests(dists: dict[str, Path]) -> None:
         "src/migcore/_hashing.pxi",
         "src/migcore/_bitmaps.pxi",
         "src/migcore/_iovec.pxi",
+        "src/migcore/_uffd.pyx",
+        "src/migcore/_uffd.pyi",
         "src/migcore/py.typed",
         "tests/conftest.py",
         "setup.py",
@@ -52,6 +54,9 @@ def test_wheel_carries_compiled_module_stub_and_marker_only(dists: dict[str, Pat
     with zipfile.ZipFile(dists["wheel"]) as whl:
         names = whl.namelist()
     assert any(n.startswith("migcore/_fastpath") and n.endswith(".so") for n in names)
+    if sys.platform.startswith("linux"):  # the userfaultfd extension is built on Linux only
+        assert any(n.startswith("migcore/_uffd") and n.endswith(".so") for n in names)
+        assert "migcore/_uffd.pyi" in names
     for needed in ("migcore/_fastpath.pyi", "migcore/py.typed", "migcore/__init__.py", "migcore/_reference.py"):
         assert needed in names, needed
     assert not [n for n in names if n.endswith((".pyx", ".pxi", ".c"))]

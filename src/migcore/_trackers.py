@@ -8,10 +8,14 @@
 - ``WritesTracker`` reads the marks the program made with
   ``Region.mark_dirty``/``Region.write``; it costs nothing per round but sees
   only the writes the program reports.
+- ``UffdTracker`` asks the kernel (userfaultfd write-protect, Linux >= 6.7):
+  every write is seen, at a cost that follows the written pages only.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 from abc import ABC, abstractmethod
 
@@ -19,8 +23,11 @@ import numpy as np
 import xxhash
 from numpy.typing import NDArray
 
-from migcore import _kernels
+from migcore import _kernels, _userfault
+from migcore._errors import MigrationError
 from migcore._region import Region, new_bitmap
+
+log = logging.getLogger("migcore")
 
 U64 = NDArray[np.uint64]
 
@@ -127,13 +134,86 @@ class WritesTracker(Tracker):
         return self.region.take_written(out)
 
 
-TRACKERS: dict[str, type[Tracker]] = {"hash": HashTracker, "writes": WritesTracker}
+class UffdTracker(Tracker):
+    """Dirty = the kernel saw a write (userfaultfd async write-protect + ``PAGEMAP_SCAN``, Linux >= 6.7).
+
+    Sees every write to the region, whoever makes it (Python, NumPy, a C
+    library, any thread), and costs per round in proportion to the written
+    pages, not to the region. The region must be private anonymous memory
+    (``Region.allocate``) with pages of at least the system page size.
+    """
+
+    name = "uffd"
+
+    def __init__(self, region: Region) -> None:
+        super().__init__(region)
+        reason = _userfault.tracker_reason(region)
+        if reason is not None:
+            raise ValueError(
+                f"tracker='uffd' cannot track this region: {reason}; "
+                "use tracker='hash' (or 'auto'), or a region from migcore.Region.allocate"
+            )
+        self._uffd = _userfault.module()
+        self._fd = -1
+        self._pagemap = -1
+        self._addr, self._length = _userfault.span(region)
+
+    def start(self) -> None:
+        """Register the region in async write-protect mode and protect every page."""
+        uffd = self._uffd
+        self._fd, _ = uffd.open_uffd(uffd.FEATURE_WP_ASYNC | uffd.FEATURE_WP_UNPOPULATED)
+        try:
+            self._pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+            uffd.register(self._fd, self._addr, self._length, uffd.REGISTER_MODE_WP)
+            uffd.write_protect(self._fd, self._addr, self._length, True)
+        except OSError as exc:
+            self.close()
+            raise MigrationError(f"tracker='uffd' could not register the region: {exc}") from exc
+
+    def collect(self, out: U64) -> int:
+        """The pages written since the last call; they are write-protected again in the same ioctl."""
+        if self._fd < 0:
+            raise RuntimeError("UffdTracker.collect() before start()")
+        return int(self._uffd.scan_written(self._pagemap, self._addr, self.region.nbytes, self.region.page_size, out))
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            try:
+                self._uffd.unregister(self._fd, self._addr, self._length)
+            except OSError as exc:  # closing the descriptor unregisters too
+                log.debug("uffd tracker: unregister failed: %s", exc)
+            self._uffd.close_fd(self._fd)
+            self._fd = -1
+        if self._pagemap >= 0:
+            os.close(self._pagemap)
+            self._pagemap = -1
+
+
+TRACKERS: dict[str, type[Tracker]] = {"hash": HashTracker, "writes": WritesTracker, "uffd": UffdTracker}
+
+
+def resolve_tracker(name: str, region: Region) -> str:
+    """The tracker ``name`` stands for: ``"auto"`` is uffd when kernel and region allow it, else hash."""
+    if name == "auto":
+        reason = _userfault.tracker_reason(region)
+        if reason is None:
+            return "uffd"
+        log.debug("tracker auto: not using uffd (%s); using hash", reason)
+        return "hash"
+    if name == "uffd":
+        reason = _userfault.tracker_reason(region)
+        if reason is not None:
+            raise ValueError(
+                f"tracker='uffd' cannot track this region: {reason}; "
+                "use tracker='hash' (or 'auto'), or a region from migcore.Region.allocate"
+            )
+    return name
 
 
 def make_tracker(name: str, region: Region) -> Tracker:
     """The tracker called ``name``; ``"auto"`` picks the best one the region and platform allow."""
     if name == "auto":
-        name = "hash"
+        name = resolve_tracker(name, region)
     try:
         cls = TRACKERS[name]
     except KeyError:

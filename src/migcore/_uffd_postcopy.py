@@ -1,0 +1,189 @@
+"""Transparent post-copy on the destination: owed pages fault in on first touch, whoever touches them.
+
+At the post-copy switch the destination region (private anonymous memory)
+is registered with userfaultfd in missing-page mode after every owed page is
+dropped (so each one faults). ``migcore._uffd.serve_postcopy`` then runs on
+the receive thread without the GIL: a fault on an owed page becomes a DEMAND
+frame, a fault on a page the source never sent (a zero page) gets the zero
+page, and every arriving page is hashed and installed with ``UFFDIO_COPY``
+from a receive buffer, exactly once. When the loop stops (END, an error, a
+lost link) it has already unregistered the region, so no thread stays
+blocked: after a failure, pages still owed read as zeros (``missing_pages``
+and ``wait()`` say so).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+from numpy.typing import NDArray
+
+from migcore import _protocol as P
+from migcore import _userfault
+from migcore._errors import MigrationError, MigrationTimeout, PeerLostError, ProtocolError
+from migcore._region import Region, runs_in
+from migcore._transport import Connection
+
+if TYPE_CHECKING:
+    from migcore._destination import Destination
+
+log = logging.getLogger("migcore")
+
+U64 = NDArray[np.uint64]
+
+_REQUEST = struct.Struct("<QQ")
+
+
+class UffdPostcopy:
+    """The userfaultfd registration of one destination region during post-copy."""
+
+    def __init__(self, region: Region, owed: U64) -> None:
+        self.region = region
+        self.owed = owed
+        self.uffd = _userfault.module()
+        self.addr, self.length = _userfault.span(region)
+        self.info = np.zeros(self.uffd.INFO_SIZE, dtype=np.uint64)
+        self.info[self.uffd.INFO_REMAINING] = int(np.unpackbits(owed.view(np.uint8)).sum())
+        self.fd = -1
+        self.wake_r = self.wake_w = -1
+
+    @classmethod
+    def attach(cls, region: Region, owed: U64, conn: Connection) -> UffdPostcopy | None:
+        """Register ``region`` for transparent post-copy; None (with the reason logged) where it cannot."""
+        # the loop reads plain frames from the socket itself: not through TLS
+        reason = None if type(conn) is Connection else "the connection is encrypted"
+        reason = reason or _userfault.postcopy_reason(region)
+        if reason is not None:
+            log.debug("destination: post-copy without userfaultfd: %s", reason)
+            return None
+        self = cls(region, owed)
+        try:
+            self.fd, _ = self.uffd.open_uffd(0)
+            self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            # owed pages may hold zeros a huge page put there: make each of them a missing page
+            self.uffd.discard_pages(self.addr, region.nbytes, region.page_size, owed)
+            self.uffd.register(self.fd, self.addr, self.length, self.uffd.REGISTER_MODE_MISSING)
+        except OSError as exc:
+            log.warning("destination: userfaultfd post-copy unavailable, falling back to ensure(): %s", exc)
+            self.close()
+            return None
+        log.debug("destination: region registered for transparent post-copy")
+        return self
+
+    @property
+    def remaining(self) -> int:
+        """Owed pages not installed yet."""
+        return int(self.info[self.uffd.INFO_REMAINING])
+
+    def wait_ready(self, thread_alive: Callable[[], bool]) -> None:
+        """Block until the service loop runs without the GIL (or its thread ended).
+
+        The region must not reach the program before: a thread holding the GIL
+        that touches an owed page would block the loop's thread at its start.
+        """
+        flag = self.info[self.uffd.INFO_READY : self.uffd.INFO_READY + 1]
+        delay = 0.0001
+        while not flag[0] and thread_alive():
+            time.sleep(delay)
+            delay = min(delay * 2, 0.005)
+
+    def serve(self, dest: Destination, digest: bytes) -> None:
+        """Run the fault-service loop until END, then verify and confirm; raise on any failure."""
+        uffd = self.uffd
+        region = self.region
+        assert dest.table is not None
+        try:
+            rc = uffd.serve_postcopy(
+                self.fd,
+                dest.conn.fd,
+                self.wake_r,
+                self.addr,
+                region.nbytes,
+                region.page_size,
+                self.owed,
+                dest.table,
+                self.info,
+                P.MAX_RUNS,
+                dest.opts.max_payload,
+                dest.conn.timeout or 0.0,
+            )
+        finally:
+            self.account(dest)
+        if rc != 0:
+            raise self.error(rc)
+        header = P.decode_header(self.info[uffd.INFO_HEADER : uffd.INFO_HEADER + 2].astype("<u8").tobytes())
+        P.expect(header, (P.Frame.END, P.Frame.ERROR), "post-copy")
+        if header.type is P.Frame.ERROR:
+            from migcore._destination import error_from_peer
+
+            code, message = P.decode_error(bytes(dest.read_body(header, P.MAX_CONTROL_BODY, "reading ERROR")))
+            raise error_from_peer(code, message, "the source")
+        if self.remaining:
+            raise ProtocolError(f"the source ended post-copy with {self.remaining} pages still owed")
+        dest.verify(dest.end_digest(header, digest))  # POSTCOPY's digest, or END's when the source deferred it
+        dest.conn.send_all(P.encode_header(P.Frame.DONE), "sending DONE")
+
+    def account(self, dest: Destination) -> None:
+        """Move the loop's counters into the destination's statistics."""
+        uffd, info = self.uffd, self.info
+        pages, payload, wire = (int(info[i]) for i in (uffd.INFO_PAGES, uffd.INFO_PAYLOAD, uffd.INFO_WIRE))
+        dest.conn.received += wire
+        dest.stats.add_pages(pages, payload, wire, postcopy=True)
+        with dest.stats.lock:
+            dest.stats.postcopy_requests += int(info[uffd.INFO_DEMANDS])
+            dest.stats.remaining_bytes = self.remaining * self.region.page_size
+
+    def error(self, rc: int) -> MigrationError:
+        """The exception for a negative result of ``serve_postcopy``."""
+        uffd, info = self.uffd, self.info
+        err = int(info[uffd.INFO_ERRNO])
+        where = uffd.OS_WHERE.get(int(info[uffd.INFO_WHERE]), "post-copy")
+        detail = f": {os.strerror(err)}" if err else ""
+        if rc == uffd.SERVE_EOF:
+            return PeerLostError(f"peer lost while receiving post-copy pages ({where}{detail})")
+        if rc == uffd.SERVE_TIMEOUT:
+            return MigrationTimeout("the source sent nothing for the connection's timeout during post-copy")
+        if rc == uffd.SERVE_PROTOCOL:
+            return ProtocolError(uffd.PROTOCOL_DETAILS.get(int(info[uffd.INFO_DETAIL]), "bad post-copy frame"))
+        if rc == uffd.SERVE_STOPPED:
+            return MigrationError("post-copy fault service stopped")
+        return MigrationError(f"post-copy fault service failed in {where}{detail}")
+
+    def ensure(self, first: int, stop: int) -> None:
+        """Ask for the owed pages of ``[first, stop)`` at once, then wait for them by touching them."""
+        try:
+            os.write(self.wake_w, _REQUEST.pack(first, stop))
+        except OSError:  # the loop is gone (or the pipe is full): touching still faults them in
+            pass
+        ps = self.region.page_size
+        runs = np.empty((P.MAX_RUNS, 2), dtype=np.uint64)
+        cursor = first
+        while cursor < stop:
+            n = runs_in(self.owed, cursor, stop, runs)
+            if n == 0:
+                break
+            for a, k in runs[:n].tolist():
+                lo = a * ps
+                hi = min((a + k) * ps, self.region.nbytes)
+                self.uffd.touch(self.addr + lo, hi - lo, _userfault.SYSTEM_PAGE)
+            cursor = int(runs[n - 1, 0] + runs[n - 1, 1])
+
+    def close(self) -> None:
+        """Release the descriptors (closing the userfaultfd also drops any registration left)."""
+        if self.fd >= 0:
+            try:
+                self.uffd.unregister(self.fd, self.addr, self.length)
+            except OSError:
+                pass
+            self.uffd.close_fd(self.fd)
+            self.fd = -1
+        for fd in (self.wake_r, self.wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self.wake_r = self.wake_w = -1

@@ -1,0 +1,197 @@
+"""The userfaultfd write tracker: sees every write (any thread, NumPy, C), falls back or refuses clearly."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import threading
+
+import numpy as np
+import pytest
+
+import migcore
+from migcore import _trackers, _userfault
+from migcore._region import new_bitmap
+from migcore._trackers import HashTracker, UffdTracker, make_tracker, resolve_tracker
+
+from _live import Receiver, Writer
+
+MIB = 1 << 20
+REASON = _userfault.tracker_reason(migcore.Region.allocate(4096))
+needs_uffd = pytest.mark.skipif(REASON is not None, reason=f"uffd tracking unavailable: {REASON}")
+
+
+def bits(bitmap: np.ndarray, n: int) -> np.ndarray:
+    """Independent oracle: the set bit indices of a bitmap."""
+    return np.flatnonzero(np.unpackbits(bitmap.view(np.uint8), bitorder="little")[:n])
+
+
+def changed_pages(before: np.ndarray, after: np.ndarray, page_size: int) -> np.ndarray:
+    """The snapshot-diff oracle: pages whose bytes differ."""
+    n = -(-len(before) // page_size)
+    pad = n * page_size - len(before)
+    a = np.concatenate([before, np.zeros(pad, np.uint8)]).reshape(n, page_size)
+    b = np.concatenate([after, np.zeros(pad, np.uint8)]).reshape(n, page_size)
+    return np.flatnonzero((a != b).any(axis=1))
+
+
+@needs_uffd
+@pytest.mark.parametrize("page_size", [4096, 16384])
+def test_numpy_writes_from_another_thread_are_never_missed(page_size: int) -> None:
+    region = migcore.Region.allocate(8 * MIB + 3000, page_size)  # ragged tail
+    arr = region.array()
+    tracker = UffdTracker(region)
+    tracker.start()
+    try:
+        out = new_bitmap(region.npages)
+        stop = threading.Event()
+
+        def writer() -> None:
+            r = np.random.default_rng(2)
+            while not stop.is_set():
+                offs = r.integers(0, region.nbytes - 8, 50)
+                arr[offs] = r.integers(1, 256, 50, dtype=np.uint8)  # NumPy fancy-index writes
+                arr[int(offs[0]) : int(offs[0]) + 8] += 1
+
+        t = threading.Thread(target=writer)
+        t.start()
+        try:
+            total = 0
+            for _ in range(40):
+                tracker.collect(out)  # clear
+                first = arr.copy()
+                second = arr.copy()
+                count = tracker.collect(out)
+                # any page that differs between the copies was written after the clear and
+                # before this collection: it must be in it
+                diff = changed_pages(first, second, page_size)
+                got = bits(out, region.npages)
+                assert count == len(got)
+                missed = np.setdiff1d(diff, got)
+                assert missed.size == 0, f"uffd missed pages {missed[:10]}"
+                total += len(diff)
+            assert total > 0  # the writer really raced the copies
+        finally:
+            stop.set()
+            t.join()
+    finally:
+        tracker.close()
+
+
+@needs_uffd
+def test_exact_pages_and_writes_from_c() -> None:
+    region = migcore.Region.allocate(4 * MIB)
+    arr = region.array()
+    tracker = make_tracker("uffd", region)
+    assert isinstance(tracker, UffdTracker)
+    tracker.start()
+    try:
+        out = new_bitmap(region.npages)
+        assert tracker.collect(out) == 0
+        base = _userfault.module().address_of(region.view)
+        ctypes.memset(base + 7 * 4096 + 100, 0x5A, 3 * 4096)  # pages 7..10 written by C
+        np.copyto(arr[500 * 4096 : 501 * 4096], 3)  # NumPy's C loop
+        arr[-1] = 1  # the last page
+        assert tracker.collect(out) == 6
+        assert list(bits(out, region.npages)) == [7, 8, 9, 10, 500, region.npages - 1]
+        assert tracker.collect(out) == 0  # re-protected atomically by the scan
+        arr[7 * 4096 : 7 * 4096 + 1] = 0x5A  # a write of the same value still counts
+        assert tracker.collect(out) == 1
+    finally:
+        tracker.close()
+    # unregistered: plain memory again, and a new tracker may register it
+    arr[:] = 9
+    again = UffdTracker(region)
+    again.start()
+    again.close()
+
+
+@needs_uffd
+def test_reads_are_not_writes() -> None:
+    region = migcore.Region.allocate(2 * MIB)
+    tracker = UffdTracker(region)
+    tracker.start()
+    try:
+        out = new_bitmap(region.npages)
+        assert int(region.array().sum()) == 0  # reading never-touched pages maps the zero page
+        assert tracker.collect(out) == 0
+    finally:
+        tracker.close()
+
+
+def test_bytearray_falls_back_with_auto_and_is_refused_with_uffd() -> None:
+    region = migcore.Region(bytearray(64 * 4096))
+    assert resolve_tracker("auto", region) == "hash"
+    assert isinstance(make_tracker("auto", region), HashTracker)
+    with pytest.raises(ValueError, match="uffd") as info:
+        make_tracker("uffd", region)
+    assert "bytearray" in str(info.value) or "page" in str(info.value) or "userfaultfd" in str(info.value)
+    with pytest.raises(ValueError, match="tracker='uffd'"):
+        migcore.migrate(region, "tcp://127.0.0.1:9", tracker="uffd")
+
+
+def test_small_pages_and_shared_memory_are_refused() -> None:
+    small = migcore.Region.allocate(64 * 1024, page_size=1024)
+    assert _userfault.region_reason(small) is not None
+    assert "page size" in str(_userfault.region_reason(small))
+    shared = mmap.mmap(-1, 16 * 4096, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+    reason = _userfault.region_reason(migcore.Region(shared))
+    assert reason is not None and "shared" in reason
+    assert resolve_tracker("auto", migcore.Region(shared)) == "hash"
+
+
+def test_unsupported_kernel_falls_back_to_hash(monkeypatch: pytest.MonkeyPatch) -> None:
+    region = migcore.Region.allocate(16 * 4096)
+    monkeypatch.setattr(_userfault, "_probe", lambda: (0, "userfaultfd is not available: simulated"))
+    assert resolve_tracker("auto", region) == "hash"
+    with pytest.raises(ValueError, match="simulated"):
+        make_tracker("uffd", region)
+    monkeypatch.setattr(_userfault, "_probe", lambda: (1 << 13, None))  # WP_UNPOPULATED but no WP_ASYNC
+    assert "WP_ASYNC" in str(_userfault.kernel_reason(write_tracking=True))
+    assert resolve_tracker("auto", region) == "hash"
+
+
+@needs_uffd
+def test_auto_picks_uffd_on_allocated_regions() -> None:
+    assert resolve_tracker("auto", migcore.Region.allocate(4096 * 8)) == "uffd"
+    assert _trackers.TRACKERS["uffd"] is UffdTracker
+
+
+@needs_uffd
+@pytest.mark.parametrize("mode", ["precopy", "hybrid"])
+def test_precopy_with_uffd_and_a_live_writer_is_byte_identical(mode: str) -> None:
+    region = migcore.Region.allocate(4 * MIB + 1000)
+    region.array()[:] = np.random.default_rng(3).integers(0, 256, region.nbytes, dtype=np.uint8)
+    region.array()[100 * 4096 : 300 * 4096] = 0  # zero pages are still not sent
+    writer = Writer(region, seed=4).start()
+    with migcore.listen("tcp://127.0.0.1:0", timeout=20) as listener:
+        rx = Receiver(listener)
+        try:
+            stats = migcore.migrate(region, listener.address, mode=mode, tracker="uffd", pause=writer.pause,
+                                    state=b"s", timeout=20)
+        finally:
+            writer.stop()
+        rx.join()
+    assert rx.error is None, rx.error
+    assert rx.received is not None and writer.snapshot is not None
+    assert bytes(rx.received.region.view) == writer.snapshot
+    assert stats.tracker == "uffd" and stats.verified and stats.rounds >= 2
+    assert stats.zero_pages >= 150  # the writer may touch a few
+    # the tracker let go of the region: it is ordinary memory again
+    region.array()[:4096] = 1
+    assert resolve_tracker("auto", region) == "uffd"
+
+
+def test_the_fault_loop_uses_the_protocol_constants() -> None:
+    """The C loop builds DEMAND frames and parses PAGES frames itself; its constants mirror _protocol's."""
+    from pathlib import Path
+
+    from migcore import _protocol as P
+
+    pyx = Path(migcore.__file__).parent / "_uffd.pyx"
+    if not pyx.exists():
+        pytest.skip("the .pyx is not installed (a wheel)")
+    src = pyx.read_text()
+    for name, value in (("_HEADER_SIZE", P.HEADER_SIZE), ("_RUN_SIZE", P.RUN_SIZE), ("_FRAME_PAGES", int(P.Frame.PAGES)),
+                        ("_FRAME_DEMAND", int(P.Frame.DEMAND)), ("_FLAG_POSTCOPY", P.FLAG_POSTCOPY)):
+        assert f"    {name} = {value}\n" in src, name

@@ -1,0 +1,190 @@
+"""Transparent post-copy: the destination reads owed pages before wait() and gets the source's bytes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import migcore
+from migcore import _destination, _userfault
+
+from _live import Receiver
+from _proxy import CutProxy
+
+MIB = 1 << 20
+REASON = _userfault.postcopy_reason(migcore.Region.allocate(4096))
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"userfaultfd post-copy unavailable: {REASON}")
+
+
+def source_region(nbytes: int, *, seed: int = 0, page_size: int = 4096) -> migcore.Region:
+    region = migcore.Region.allocate(nbytes, page_size)
+    arr = region.array()
+    arr[:] = np.random.default_rng(seed).integers(0, 256, nbytes, dtype=np.uint8)
+    npages = region.npages
+    for p in np.random.default_rng(seed + 1).choice(npages - 1, size=npages // 4, replace=False):
+        arr[p * page_size : (p + 1) * page_size] = 0  # zero pages: never sent, installed as zero pages
+    return region
+
+
+# The source runs in another process, as it does in real use: a destination thread that touches an
+# owed page while holding the GIL stalls every Python thread of its own process until the page lands.
+SOURCE = """
+import json, sys
+sys.path.insert(0, sys.argv[2])
+import migcore
+from test_uffd_postcopy import source_region
+a = json.loads(sys.argv[1])
+region = source_region(a["nbytes"], seed=a["seed"], page_size=a["page_size"])
+arr, ps = region.array(), region.page_size
+hot = slice(10 * ps, 60 * ps)
+extra = {}
+if a.pop("dirty", False):  # rewrite pages 10..59 every round (no convergence), settle them at the pause
+    paused = []
+    def progress(stats):
+        if not paused:
+            arr[hot] = stats.rounds % 200 + 1
+    def pause():
+        paused.append(True)
+        arr[hot] = 0xEE
+    extra = {"progress": progress, "pause": pause}
+try:
+    stats = migcore.migrate(region, a["address"], timeout=20, state=b"st", **a["kw"], **extra)
+    print(json.dumps({"status": stats.status, "verified": stats.verified}))
+except migcore.MigrationError as exc:
+    print(json.dumps({"error": type(exc).__name__}))
+"""
+
+
+def spawn_source(address: str, nbytes: int, seed: int, page_size: int = 4096, **kw: Any) -> subprocess.Popen[str]:
+    dirty = kw.pop("dirty", False)
+    args = {"address": address, "nbytes": nbytes, "seed": seed, "page_size": page_size, "kw": kw, "dirty": dirty}
+    return subprocess.Popen(
+        [sys.executable, "-c", SOURCE, json.dumps(args), str(Path(__file__).parent)],
+        stdout=subprocess.PIPE, text=True,
+    )
+
+
+def source_result(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+def reads(received: migcore.Received, pages: list[int]) -> dict[str, Any]:
+    """What a program does at once, without ensure(): plain indexing and a NumPy reduction."""
+    assert received._uffd is not None, "transparent post-copy was not used"
+    arr = received.region.array()
+    ps = received.region.page_size
+    return {
+        "missing_before": received.missing_pages,
+        "bytes": [bytes(received.region.view[p * ps : p * ps + 64]) for p in pages],
+        "index": [int(arr[p * ps + 17]) for p in pages],
+        "sum": int(arr[: len(arr) // 3].sum(dtype=np.uint64)),
+        "tail": bytes(received.region.view[-100:]),
+    }
+
+
+@pytest.mark.parametrize("page_size", [4096, 16384])
+@pytest.mark.parametrize("mode", ["postcopy", "hybrid"])
+def test_scattered_reads_before_wait_get_the_source_bytes(mode: str, page_size: int) -> None:
+    region = source_region(8 * MIB + 1000, seed=3, page_size=page_size)  # ragged tail
+    if mode == "hybrid":
+        region.array()[10 * page_size : 60 * page_size] = 0xEE  # what the source's pause leaves there
+    expected = bytes(region.view)
+    arr = np.frombuffer(expected, dtype=np.uint8)
+    pages = [0, 5, region.npages // 2, 77, region.npages - 1, 3, 12, region.npages // 3]
+    kw: dict[str, Any] = {"on_stall": "postcopy", "max_rounds": 2, "dirty": True} if mode == "hybrid" else {}
+    with migcore.listen("tcp://127.0.0.1:0", timeout=20) as listener:
+        rx = Receiver(listener, then=lambda r: reads(r, pages))
+        proc = spawn_source(listener.address, region.nbytes, 3, page_size, mode=mode, downtime_limit=0.0, **kw)
+        rx.join(60)
+        result = source_result(proc)
+    assert rx.error is None, rx.error
+    got = rx.result
+    assert got["bytes"] == [expected[p * page_size : p * page_size + 64] for p in pages]
+    assert got["index"] == [int(arr[p * page_size + 17]) for p in pages]
+    assert got["sum"] == int(arr[: len(arr) // 3].sum(dtype=np.uint64))
+    assert got["tail"] == expected[-100:]
+    received = rx.received
+    assert received is not None
+    assert bytes(received.region.view) == expected
+    assert received.missing_pages == 0 and received.stats.verified
+    assert result == {"status": "completed", "verified": True}
+    # unregistered after wait(): ordinary memory the program may write
+    received.region.array()[:] = 7
+    assert int(received.region.array()[-1]) == 7
+
+
+def test_ensure_is_a_prefetch_and_threads_fault_concurrently() -> None:
+    region = source_region(16 * MIB, seed=5)
+    expected = np.frombuffer(bytes(region.view), dtype=np.uint8)
+
+    def program(received: migcore.Received) -> list[int]:
+        arr = received.region.array()
+        received.ensure(4 * MIB, 1 * MIB)
+        results = [0] * 4
+
+        def worker(i: int) -> None:
+            results[i] = int(arr[i * 4 * MIB : (i + 1) * 4 * MIB : 4096].sum(dtype=np.uint64))
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return results
+
+    with migcore.listen("tcp://127.0.0.1:0", timeout=20) as listener:
+        rx = Receiver(listener, then=program)
+        proc = spawn_source(listener.address, region.nbytes, 5, mode="postcopy")
+        rx.join(60)
+        assert source_result(proc)["status"] == "completed"
+    assert rx.error is None, rx.error
+    assert rx.result == [int(expected[i * 4 * MIB : (i + 1) * 4 * MIB : 4096].sum(dtype=np.uint64)) for i in range(4)]
+    assert rx.received is not None and rx.received.stats.postcopy_requests >= 1
+
+
+def test_link_cut_after_switch_leaves_an_unregistered_usable_region() -> None:
+    region = source_region(32 * MIB, seed=7)
+    with migcore.listen("tcp://127.0.0.1:0", timeout=10) as listener:
+        proxy = CutProxy(listener.address, cut_after=4 * MIB)
+        rx = Receiver(listener, wait=True, timeout=10)
+        with pytest.raises(migcore.PeerLostError):
+            migcore.migrate(region, proxy.address, mode="postcopy", timeout=10)
+        rx.join()
+        proxy.join()
+    assert isinstance(rx.error, migcore.PeerLostError)
+    received = rx.received
+    assert received is not None
+    assert received.missing_pages > 0
+    # every page is readable without blocking (the owed ones as zeros) and writable
+    arr = received.region.array()
+    int(arr.sum(dtype=np.uint64))
+    arr[:] = 1
+    assert int(arr[::4096].sum()) == received.region.npages
+    with pytest.raises(migcore.PeerLostError):
+        received.wait(5)
+
+
+def test_guarded_bytearray_regions_use_the_python_receiver(monkeypatch: pytest.MonkeyPatch) -> None:
+    from _live import GuardedAllocations
+
+    guards = GuardedAllocations().install(monkeypatch)
+    region = source_region(2 * MIB, seed=9)
+    with migcore.listen("tcp://127.0.0.1:0", timeout=20) as listener:
+        rx = Receiver(listener, then=lambda r: r._uffd)
+        proc = spawn_source(listener.address, region.nbytes, 9, mode="postcopy")
+        rx.join(60)
+        assert source_result(proc)["status"] == "completed"
+    assert rx.error is None and rx.result is None
+    assert rx.received is not None and bytes(rx.received.region.view) == bytes(region.view)
+    assert guards.guards_intact()
+    assert _destination._allocate_region is guards
