@@ -41,6 +41,10 @@ TARGETS: dict[tuple[str, str], tuple[str, float]] = {
     ("dirty_runs", "numpy_runs"): ("dirty_runs 2^28 bits, 0.1% set vs unpackbits+nonzero", 10.0),
     ("send_runs", "sendall"): ("send_runs vs sendall", 0.8),
     ("recv_runs", "recv_into"): ("recv_runs vs recv_into", 0.8),
+    ("streams=4", "streams=1"): ("stop-and-copy 64 MiB, 4 page streams vs 1", 1.0),
+    ("streams=4", "streams=2"): ("stop-and-copy 64 MiB, 4 page streams vs 2", 0.9),
+    ("tls", "plain_tcp"): ("stop-and-copy 64 MiB over TLS 1.3 vs plain TCP", 0.3),
+    ("uffd_collect", "hash_round"): ("uffd collect 1 GiB, 1% written vs a hash round", 20.0),
 }
 
 _RATIOS: dict[tuple[str, str], tuple[float, float]] = {}

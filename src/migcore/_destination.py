@@ -13,14 +13,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
 
-from migcore import _kernels
+from migcore import _codecs, _kernels
 from migcore import _protocol as P
 from migcore._errors import (
+    AuthenticationError,
     CompatibilityError,
     MigrationCancelled,
     MigrationError,
@@ -30,9 +32,12 @@ from migcore._errors import (
     VerificationError,
 )
 from migcore._region import Region, check_page_size, count_bits_in, new_bitmap, runs_in
+from migcore._security import authenticate_destination
 from migcore._stats import MigrationStats, StatsRecorder
+from migcore._streams import StreamReceivers, accept_streams
 from migcore._trackers import runs_to_pages, zero_page_hashes
 from migcore._transport import Connection
+from migcore._uffd_postcopy import UffdPostcopy
 
 log = logging.getLogger("migcore")
 
@@ -49,6 +54,8 @@ class DestinationOptions:
     max_state_bytes: int = P.DEFAULT_MAX_STATE
     max_payload: int = P.DEFAULT_MAX_PAYLOAD
     check_memory: bool = True
+    #: Shared secret the source must prove it holds (None: no token exchange).
+    token: bytes | None = None
 
 
 def mem_available() -> int | None:
@@ -83,6 +90,8 @@ def _error_frame_for(exc: BaseException) -> bytes | None:
     """The ERROR frame that tells the source why this side gave up (None: nothing to say)."""
     if isinstance(exc, VerificationError):
         return P.encode_error(P.ErrorCode.VERIFICATION, str(exc))
+    if isinstance(exc, AuthenticationError):
+        return P.encode_error(P.ErrorCode.AUTHENTICATION, str(exc))
     if isinstance(exc, ProtocolError):
         return P.encode_error(P.ErrorCode.PROTOCOL, str(exc))
     if isinstance(exc, MigrationTimeout):
@@ -103,15 +112,23 @@ def error_from_peer(code: P.ErrorCode, message: str, who: str) -> MigrationError
         return MigrationTimeout(text)
     if code is P.ErrorCode.COMPATIBILITY:
         return CompatibilityError(text)
+    if code is P.ErrorCode.AUTHENTICATION:
+        return AuthenticationError(text)
     return MigrationError(text)
 
 
 class Destination:
     """One incoming migration on one connection, from HELLO to commit (or to post-copy)."""
 
-    def __init__(self, conn: Connection, opts: DestinationOptions) -> None:
+    def __init__(
+        self, conn: Connection, opts: DestinationOptions, accept_stream: Callable[[], Connection] | None = None
+    ) -> None:
         self.conn = conn
         self.opts = opts
+        #: Accepts one more connection on the listener (TLS included), for the source's extra streams.
+        self.accept_stream = accept_stream
+        self.streams: StreamReceivers | None = None
+        self.codec: _codecs.Codec | None = None
         self.region: Region | None = None
         self.table: U64 | None = None
         self.hello: P.Hello | None = None
@@ -130,7 +147,9 @@ class Destination:
     # -- the handshake -------------------------------------------------------
 
     def handshake(self) -> P.Hello:
-        header = self.read_header("waiting for HELLO")
+        # authentication comes first (inside TLS when there is TLS); it returns HELLO's header when tokenless
+        first = authenticate_destination(self.conn, self.opts.token)
+        header = first if first is not None else self.read_header("waiting for HELLO")
         P.expect(header, (P.Frame.HELLO,), "the handshake")
         hello = P.decode_hello(bytes(self.read_body(header, P.MAX_CONTROL_BODY, "reading HELLO")))
         refusal = self.check(hello)
@@ -149,6 +168,11 @@ class Destination:
             ),
             "sending ACCEPT",
         )
+        if hello.codec is not None:
+            self.codec = _codecs.get_codec(hello.codec)
+        if hello.streams > 1:
+            assert self.accept_stream is not None
+            self.streams = accept_streams(self, self.accept_stream, hello, self.opts.token)
         return hello
 
     def check(self, hello: P.Hello) -> tuple[str, str] | None:
@@ -168,6 +192,14 @@ class Destination:
             return "features", f"unsupported feature bits {hello.features & ~P.SUPPORTED_FEATURES:#x}"
         if hello.mode in ("postcopy", "hybrid") and not hello.features & P.FEATURE_POSTCOPY:
             return "features", f"mode {hello.mode} needs the post-copy feature"
+        if bool(hello.features & P.FEATURE_COMPRESS) != (hello.codec is not None):
+            return "codec", "the compression feature and the codec disagree"
+        if hello.codec is not None and not _codecs.available(hello.codec):
+            return "codec", f"this side cannot decompress {hello.codec} (install its package)"
+        if bool(hello.features & P.FEATURE_STREAMS) != (hello.streams > 1):
+            return "streams", "the streams feature and the stream count disagree"
+        if hello.streams > 1 and self.accept_stream is None:
+            return "streams", "this destination cannot accept extra connections"
         if o.max_bytes is not None and hello.nbytes > o.max_bytes:
             return "nbytes", f"region of {hello.nbytes} bytes exceeds this side's max_bytes={o.max_bytes}"
         if o.check_memory:
@@ -194,12 +226,19 @@ class Destination:
             if self.region.nbytes != hello.nbytes or self.region.page_size != hello.page_size:
                 raise MigrationError("allocated region does not match the HELLO")
             self.table = zero_page_hashes(self.region)
+            if self.streams is not None:
+                self.streams.start()  # only now: their pages need the region
             self.stats.setup_time = time.monotonic() - self.stats.started
             log.debug("destination: accepted migration %s of %d bytes (%s)", mid, hello.nbytes, hello.mode)
             return self.receive_precopy(hello)
         except BaseException as exc:
-            self.fail(exc)
-            raise
+            # a stream thread's failure is the real cause of the main connection closing under us
+            err = self.streams.cause(exc) if self.streams is not None else exc
+            self.streams = None
+            self.fail(err)
+            if err is exc:
+                raise
+            raise err from exc
 
     def fail(self, exc: BaseException) -> None:
         """Rule 3 before the switchover: tell the source why (if we can), drop what arrived."""
@@ -215,29 +254,79 @@ class Destination:
             self.region = None
         log.info("destination: migration failed before the switchover, discarded: %s", exc)
 
-    def receive_pages(self, header: P.Header, after: int, *, postcopy: bool = False) -> NDArray[np.uint64]:
-        """Validate a PAGES frame fully, then receive its payload straight into the region."""
+    def receive_pages(
+        self, header: P.Header, after: int, *, postcopy: bool = False, conn: Connection | None = None
+    ) -> NDArray[np.uint64]:
+        """Validate a PAGES frame fully, then receive its payload straight into the region (or decode it).
+
+        ``conn`` is the extra stream the frame came on (default: the main connection).
+        """
         assert self.region is not None and self.table is not None
         region = self.region
-        if header.flags != (P.FLAG_POSTCOPY if postcopy else 0):
+        conn = self.conn if conn is None else conn
+        hello = self.hello
+        encoded = header.flags & (P.FLAG_COMPRESSED | P.FLAG_DELTA)
+        if header.flags & ~P.PAGES_FLAGS or header.flags & P.FLAG_POSTCOPY != (P.FLAG_POSTCOPY if postcopy else 0):
             raise ProtocolError(f"PAGES frame flags {header.flags:#x} are wrong for this phase")
+        if header.flags & P.FLAG_COMPRESSED and self.codec is None:
+            raise ProtocolError("compressed PAGES in a migration that agreed on no codec")
+        if header.flags & P.FLAG_DELTA and not (hello is not None and hello.features & P.FEATURE_DELTA):
+            raise ProtocolError("delta-encoded PAGES in a migration that did not ask for delta encoding")
         if not 0 < header.count <= P.MAX_RUNS:
             raise ProtocolError(f"PAGES frame with {header.count} runs (allowed 1..{P.MAX_RUNS})")
         if header.length > self.opts.max_payload:
             raise ProtocolError(f"PAGES payload of {header.length} bytes exceeds the agreed {self.opts.max_payload}")
-        runs = P.decode_runs(self.conn.recv_exact(header.count * P.RUN_SIZE, "reading a runs table"), header.count)
+        runs = P.decode_runs(conn.recv_exact(header.count * P.RUN_SIZE, "reading a runs table"), header.count)
         pages = P.validate_runs(runs, region.npages, after=after)
         payload = P.runs_payload(runs, region.page_size, region.nbytes)
-        if payload != header.length:
+        if payload != header.length and not encoded:
             raise ProtocolError(
                 f"PAGES header announces {header.length} payload bytes but its {pages} pages hold {payload}"
             )
         if postcopy:
             self.check_owed(runs)
-        self.conn.recv_pages(region.view, region.page_size, runs, payload, "receiving pages")
+        if encoded:
+            self.receive_encoded(header, runs, pages, payload, conn)
+        else:
+            conn.recv_pages(region.view, region.page_size, runs, payload, "receiving pages")
         _kernels.hash_runs(region.view, region.page_size, runs, self.table)
-        self.stats.add_pages(pages, payload, P.HEADER_SIZE + len(runs) * P.RUN_SIZE + payload, postcopy=postcopy)
+        self.stats.add_pages(
+            pages, payload, P.HEADER_SIZE + len(runs) * P.RUN_SIZE + header.length, postcopy=postcopy
+        )
         return runs
+
+    def receive_encoded(self, header: P.Header, runs: NDArray[np.uint64], pages: int, payload: int, conn: Connection) -> None:
+        """A compressed and/or delta-encoded batch: bounded by what its runs table implies, then decoded."""
+        assert self.region is not None
+        region = self.region
+        delta = bool(header.flags & P.FLAG_DELTA)
+        bound = payload + 4 * pages if delta else payload  # the decoded size can be no more than this
+        # a compressed batch is sent only when it is smaller than what it decodes to
+        if header.length > min(self.opts.max_payload, bound):
+            raise ProtocolError(f"encoded PAGES payload of {header.length} bytes is too large for {pages} pages")
+        body: bytes | bytearray = conn.recv_exact(header.length, "receiving encoded pages")
+        if header.flags & P.FLAG_COMPRESSED:
+            assert self.codec is not None
+            body = _codecs.unpack(self.codec, body, bound, exact=not delta)
+            with self.stats.lock:
+                self.stats.compress_before += len(body)
+                self.stats.compress_after += header.length
+        elif not delta and len(body) != payload:
+            raise ProtocolError(f"PAGES payload of {len(body)} bytes for {payload} bytes of pages")
+        if delta:
+            try:
+                _kernels.delta_decode_runs(region.view, region.page_size, runs, body)
+            except ValueError as exc:
+                raise ProtocolError(f"bad delta batch: {exc}") from None
+            return
+        ps = region.page_size
+        view = memoryview(body)
+        pos = 0
+        for first, count in runs.tolist():
+            start = first * ps
+            n = min(count * ps, region.nbytes - start)
+            region.view[start : start + n] = view[pos : pos + n]
+            pos += n
 
     def check_owed(self, runs: NDArray[np.uint64]) -> None:
         """Overridden by the post-copy service: a post-copy page must be owed."""
@@ -265,7 +354,13 @@ class Destination:
             elif header.type is P.Frame.ROUND_END:
                 if header.length != 0 or header.count != rnd:
                     raise ProtocolError(f"ROUND_END for round {header.count} (length {header.length}) in round {rnd}")
+                if self.streams is not None:
+                    round_runs += self.streams.wait_round(rnd)
                 done = np.concatenate(round_runs) if round_runs else np.empty((0, 2), dtype=np.uint64)
+                if self.streams is not None and len(done):
+                    # acknowledged in page order; the streams' parts of a round must not overlap
+                    done = done[np.argsort(done[:, 0], kind="stable")]
+                    P.validate_runs(done, region.npages)
                 hashes = np.ascontiguousarray(table[runs_to_pages(done)], dtype="<u8")
                 self.conn.send_all(
                     P.encode_header(P.Frame.ACK, count=rnd, length=hashes.nbytes) + hashes.tobytes(), "sending ACK"
@@ -286,6 +381,7 @@ class Destination:
             elif header.type is P.Frame.COMPLETE:
                 digest = bytes(self.read_body(header, P.DIGEST_SIZE, "reading COMPLETE", exact=P.DIGEST_SIZE))
                 assert state is not None
+                self.join_streams(rnd)
                 self.verify(digest)
                 self.conn.send_all(P.encode_header(P.Frame.DONE), "sending DONE")
                 self.conn.close()
@@ -304,6 +400,7 @@ class Destination:
                 body = self.read_body(header, P.DIGEST_SIZE + 8 * words, "reading POSTCOPY", exact=P.DIGEST_SIZE + 8 * words)
                 digest, owed = P.decode_postcopy(body, region.npages)
                 assert state is not None
+                self.join_streams(rnd)
                 received = Received(region, state, self.stats, hello.mode)
                 received._start_postcopy(self, owed, digest)
                 return received
@@ -313,6 +410,32 @@ class Destination:
             else:  # ERROR
                 code, message = P.decode_error(bytes(self.read_body(header, P.MAX_CONTROL_BODY, "reading ERROR")))
                 raise error_from_peer(code, message, "the source")
+
+    def join_streams(self, rnd: int) -> None:
+        """Before the commit or the switch: every stream delivered the final pass (round ``rnd``) and ended."""
+        if self.streams is None:
+            return
+        self.streams.wait_round(rnd)
+        self.streams.wait_end()
+        self.streams.close()
+        self.streams = None
+
+    def end_digest(self, header: P.Header, digest: bytes) -> bytes:
+        """The digest a post-copy ends on: the POSTCOPY frame's or, when that was all zeros, END's body.
+
+        A source that sent nothing before the switch hashes each owed page as
+        it sends it, so its digest is known only at END.
+        """
+        if header.count or header.length not in (0, P.DIGEST_SIZE):
+            raise ProtocolError("END frame with a body")
+        if header.length == 0:
+            if digest == bytes(P.DIGEST_SIZE):
+                raise ProtocolError("post-copy END without the digest that POSTCOPY deferred to it")
+            return digest
+        body = bytes(self.read_body(header, P.DIGEST_SIZE, "reading END", exact=P.DIGEST_SIZE))
+        if digest != bytes(P.DIGEST_SIZE):
+            raise ProtocolError("END carries a digest although POSTCOPY had one")
+        return body
 
     def verify(self, digest: bytes) -> None:
         """Rule 2: every page this side stored hashes to what the source holds at the pause."""
@@ -330,7 +453,13 @@ class Received:
     verified. After a post-copy switchover the pages still owed arrive in the
     background: call :meth:`ensure` before touching a range (it asks the
     source for those pages first) and :meth:`wait` to block until all arrived
-    and the region is verified. If the link breaks after the switch, what
+    and the region is verified. On Linux with userfaultfd (a region from
+    ``Region.allocate``, pages of at least 4 KiB) the region is usable at once:
+    touching an owed page blocks only that thread until the page arrives, and
+    :meth:`ensure` is merely a prefetch; after a failure, pages still owed
+    read as zeros. (A thread that holds the GIL and touches an owed page
+    stalls every Python thread of this process until the page arrives, so a
+    source running in the same process must be fed through :meth:`ensure`.) If the link breaks after the switch, what
     arrived stays in :attr:`region` and :meth:`wait`/:meth:`ensure` raise
     :class:`PeerLostError`.
     """
@@ -348,6 +477,7 @@ class Received:
         self._thread: threading.Thread | None = None
         self._dest: Destination | None = None
         self._send_lock = threading.Lock()
+        self._uffd: UffdPostcopy | None = None
 
     @property
     def stats(self) -> MigrationStats:
@@ -361,6 +491,8 @@ class Received:
     @property
     def missing_pages(self) -> int:
         """Pages still owed by the source (post-copy); 0 once everything arrived."""
+        if self._uffd is not None:
+            return self._uffd.remaining
         with self._cond:
             return self._missing_count
 
@@ -371,6 +503,8 @@ class Received:
         self._missing_count = int(_kernels.count_bits(owed))
         self._done = False
         dest.check_owed = self._check_owed  # type: ignore[method-assign]
+        # with userfaultfd, any touch of an owed page fetches it: the program needs no ensure()
+        self._uffd = UffdPostcopy.attach(self.region, owed, dest.conn)
         dest.conn.send_all(P.encode_header(P.Frame.SWITCHED), "sending SWITCHED")
         with self._stats.lock:
             self._stats.status = "postcopy-active"
@@ -380,6 +514,8 @@ class Received:
             target=self._serve, args=(digest,), name=f"migcore-postcopy-{self.migration_id[:8]}", daemon=True
         )
         self._thread.start()
+        if self._uffd is not None:
+            self._uffd.wait_ready(self._thread.is_alive)
 
     def _check_owed(self, runs: NDArray[np.uint64]) -> None:
         assert self._missing is not None
@@ -393,7 +529,12 @@ class Received:
         dest = self._dest
         assert dest is not None and self._missing is not None
         try:
-            while True:
+            if self._uffd is not None:
+                try:
+                    self._uffd.serve(dest, digest)  # the whole post-copy, in a loop that never takes the GIL
+                finally:
+                    self._uffd.close()
+            while self._uffd is None:  # the Python receiver, when userfaultfd is not in use
                 header = dest.read_header("waiting for post-copy pages")
                 P.expect(header, (P.Frame.PAGES, P.Frame.END, P.Frame.ERROR), "post-copy")
                 if header.type is P.Frame.PAGES:
@@ -405,11 +546,9 @@ class Received:
                         self._stats.remaining_bytes = self._missing_count * self.region.page_size
                         self._cond.notify_all()
                 elif header.type is P.Frame.END:
-                    if header.length or header.count:
-                        raise ProtocolError("END frame with a body")
                     if self._missing_count:
                         raise ProtocolError(f"the source ended post-copy with {self._missing_count} pages still owed")
-                    dest.verify(digest)
+                    dest.verify(dest.end_digest(header, digest))  # POSTCOPY's digest, or END's when deferred
                     with self._send_lock:
                         dest.conn.send_all(P.encode_header(P.Frame.DONE), "sending DONE")
                     break
@@ -464,6 +603,14 @@ class Received:
         ps = self.region.page_size
         first, stop = offset // ps, (offset + length - 1) // ps + 1
         missing = self._missing
+        if self._uffd is not None:
+            # a prefetch: ask for the whole range at once, then wait by touching it
+            self._uffd.ensure(first, stop)
+            if count_bits_in(missing, first, stop):  # the link broke: the loop unregistered the region
+                with self._cond:
+                    self._cond.wait_for(lambda: self._done)
+                    self._raise_error()
+            return
         runs = np.empty((P.MAX_RUNS, 2), dtype=np.uint64)
         with self._cond:
             if count_bits_in(missing, first, stop) == 0:

@@ -112,5 +112,41 @@ def recv_runs(fd: int, buf: Buffer, page_size: int, runs: _U64, offset: int = 0)
     at all could be received for another reason than end of file.
     """
 
+def xbzrle_encode(old: Buffer, new: Buffer, out: Buffer) -> int:
+    """Encode ``new`` as its XOR against ``old`` (same size), run-length coded (XBZRLE), into ``out``.
+
+    The format is pairs ``zrun nzrun bytes[nzrun]``: ``zrun`` unchanged bytes,
+    then ``nzrun >= 1`` bytes to XOR in, both lengths ULEB128 (at most 5 bytes);
+    a trailing zero run is left out. Returns the encoded size, or -1 when it
+    does not fit in ``out`` (pass ``len(out) < len(new)`` to get only deltas
+    smaller than the page).
+    """
+
+def xbzrle_decode(delta: Buffer, page: Buffer) -> None:
+    """XOR ``delta`` into the writable ``page``; ``ValueError`` before any write if it is malformed or reaches past the page."""
+
+def delta_encode_runs(
+    buf: Buffer, page_size: int, runs: _U64, cache: NDArray[np.uint8], slots: NDArray[np.int64],
+    bases: NDArray[np.uint8], out: Buffer
+) -> tuple[int, int]:
+    """Encode the pages of ``runs`` as one delta batch into ``out``; returns ``(bytes written, overflow)``.
+
+    The batch is a ``u32`` little-endian length per page (``0x80000000 | n``:
+    the page's ``n`` bytes raw) followed by the encodings in run order.
+    ``slots[k]`` is the row of ``cache`` kept for the ``k``-th page (-1: none);
+    where ``bases[k]`` is set, that row holds the destination's copy and the
+    page goes as a delta when one is smaller than the page (else raw, counted
+    in ``overflow``). Each page is read once and the bytes sent become its
+    row's content. ``out`` needs ``4 * pages + runs_nbytes(runs)`` bytes.
+    """
+
+def delta_decode_runs(buf: Buffer, page_size: int, runs: _U64, payload: Buffer) -> None:
+    """Apply a ``delta_encode_runs`` batch to the pages of ``runs`` in the writable ``buf``.
+
+    The whole batch is checked first; a malformed table, a raw page of the
+    wrong size, a delta reaching past its page or bytes left over raise
+    ``ValueError`` before any byte of ``buf`` changes.
+    """
+
 def _xxh3_variant(buf: Buffer, variant: str) -> int | None:
     """XXH3_64 of ``buf`` with one named compiled loop ("plain", "avx2", "avx512"); None where unavailable. For tests."""

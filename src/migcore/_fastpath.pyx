@@ -10,3 +10,4 @@ The names and meanings match ``migcore._reference`` (see ``_fastpath.pyi``).
 include "_hashing.pxi"
 include "_bitmaps.pxi"
 include "_iovec.pxi"
+include "_xbzrle.pxi"

@@ -42,5 +42,9 @@ andnot_bits = _impl.andnot_bits
 runs_nbytes = _impl.runs_nbytes
 send_runs = _impl.send_runs
 recv_runs = _impl.recv_runs
+xbzrle_encode = _impl.xbzrle_encode
+xbzrle_decode = _impl.xbzrle_decode
+delta_encode_runs = _impl.delta_encode_runs
+delta_decode_runs = _impl.delta_decode_runs
 
 IMPLEMENTATION = _impl.__name__

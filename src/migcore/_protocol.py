@@ -14,10 +14,16 @@ checked against the region before a single page byte lands.
 
 Frames, in order (S = source, D = destination)::
 
+  [ S AUTH 1    nonce_s      D AUTH 2   nonce_d + HMAC(token, "destination" nonces)
+    S AUTH 3    HMAC(token, "source" nonces) ]      only when both ends hold a token
     S HELLO     magic, version, page size, region size, mode, tracker, features,
-                compat string, migration id, declared state size
+                streams, codec, compat string, migration id, declared state size
     D ACCEPT    limits (max state bytes, max frame payload, max runs) | REFUSE field + reason
+  [ extra connections (streams > 1): [AUTH...] S STREAM i (migration id)  D STREAM i ]
     S PAGES*    runs table + page bytes, sent straight from the source buffer
+                (or, flagged, a compressed and/or delta-encoded batch; on the
+                extra connections when streams > 1, each ending its part of a
+                round with ROUND_END n)
     S ROUND_END n          D ACK n   hashes of the pages stored in round n, in run order
     ... more rounds ...
     S PAGES*    the last dirty pages (during the pause)
@@ -45,7 +51,8 @@ from numpy.typing import NDArray
 from migcore._errors import CompatibilityError, ProtocolError
 
 MAGIC = b"MIGC"
-PROTOCOL_VERSION = 1
+#: 2: token authentication, streams and codec in HELLO, compressed and delta PAGES.
+PROTOCOL_VERSION = 2
 
 HEADER = struct.Struct("<BBHIQ")
 HEADER_SIZE = HEADER.size  # 16
@@ -65,10 +72,29 @@ DIGEST_SIZE = 16
 
 #: Feature bits a HELLO may ask for.
 FEATURE_POSTCOPY = 1
-SUPPORTED_FEATURES = FEATURE_POSTCOPY
+#: PAGES may be delta-encoded against the destination's copy (XBZRLE).
+FEATURE_DELTA = 2
+#: PAGES may be compressed with the HELLO's codec.
+FEATURE_COMPRESS = 4
+#: Pages travel on ``streams`` extra connections.
+FEATURE_STREAMS = 8
+SUPPORTED_FEATURES = FEATURE_POSTCOPY | FEATURE_DELTA | FEATURE_COMPRESS | FEATURE_STREAMS
 
 #: PAGES flag: a post-copy page (must be owed by the destination).
 FLAG_POSTCOPY = 1
+#: PAGES flag: the payload is ``u64 decoded size`` + the batch compressed with the agreed codec.
+FLAG_COMPRESSED = 2
+#: PAGES flag: the (decoded) payload is a delta batch (see ``delta_encode_runs``).
+FLAG_DELTA = 4
+#: Every PAGES flag.
+PAGES_FLAGS = FLAG_POSTCOPY | FLAG_COMPRESSED | FLAG_DELTA
+
+#: Compression codecs by their number in HELLO.
+CODECS: tuple[str | None, ...] = (None, "zstd", "lz4")
+#: Most page connections one migration may open.
+MAX_STREAMS = 64
+#: Size of the nonces and MACs of the AUTH exchange.
+AUTH_SIZE = 32
 
 
 class Frame(enum.IntEnum):
@@ -87,6 +113,8 @@ class Frame(enum.IntEnum):
     END = 13
     ERROR = 14
     CANCEL = 15
+    AUTH = 16
+    STREAM = 17
 
 
 class ErrorCode(enum.IntEnum):
@@ -97,6 +125,7 @@ class ErrorCode(enum.IntEnum):
     VERIFICATION = 2
     COMPATIBILITY = 3
     TIMEOUT = 4
+    AUTHENTICATION = 5
 
 
 MODES = ("stopcopy", "precopy", "postcopy", "hybrid")
@@ -151,7 +180,7 @@ def check_length(header: Header, limit: int, *, exact: int | None = None) -> int
 
 # -- handshake -------------------------------------------------------------
 
-_HELLO = struct.Struct("<4sHHIQQ16sBBIH")
+_HELLO = struct.Struct("<4sHHIQQ16sBBIHBBH")
 _HELLO_COMPAT = 1  # flags bit: a compat string is present (None and "" differ)
 
 
@@ -166,6 +195,8 @@ class Hello:
     compat: str | None
     migration_id: bytes
     state_size: int = UNKNOWN_SIZE
+    streams: int = 1
+    codec: str | None = None
 
     @property
     def npages(self) -> int:
@@ -187,6 +218,9 @@ def encode_hello(hello: Hello, *, magic: bytes = MAGIC) -> bytes:
         MODES.index(hello.mode),
         TRACKERS.index(hello.tracker),
         hello.features,
+        hello.streams,
+        CODECS.index(hello.codec),
+        0,
         len(compat),
     ) + compat
     return encode_header(Frame.HELLO, length=len(body)) + body
@@ -206,7 +240,8 @@ def decode_hello(body: bytes) -> Hello:
         return Hello(version, 0, 0, "stopcopy", "hash", 0, None, b"")
     if len(body) < _HELLO.size:
         raise ProtocolError(f"HELLO body of {len(body)} bytes is shorter than {_HELLO.size}")
-    _, _, flags, page_size, nbytes, state_size, mid, mode, tracker, features, clen = _HELLO.unpack_from(body)
+    fields = _HELLO.unpack_from(body)
+    _, _, flags, page_size, nbytes, state_size, mid, mode, tracker, features, streams, codec, reserved, clen = fields
     if len(body) != _HELLO.size + clen:
         raise ProtocolError(f"HELLO compat string length {clen} disagrees with the body size {len(body)}")
     if mode >= len(MODES):
@@ -215,11 +250,18 @@ def decode_hello(body: bytes) -> Hello:
         raise ProtocolError(f"HELLO names unknown tracker {tracker}")
     if nbytes == 0:
         raise ProtocolError("HELLO announces an empty region")
+    if codec >= len(CODECS) or reserved:
+        raise ProtocolError(f"HELLO names unknown codec {codec}")
+    if not 1 <= streams <= MAX_STREAMS:
+        raise ProtocolError(f"HELLO asks for {streams} streams (allowed 1..{MAX_STREAMS})")
     try:
         compat = body[_HELLO.size :].decode() if flags & _HELLO_COMPAT else None
     except UnicodeDecodeError:
         raise ProtocolError("HELLO compat string is not UTF-8") from None
-    return Hello(version, page_size, nbytes, MODES[mode], TRACKERS[tracker], features, compat, bytes(mid), state_size)
+    return Hello(
+        version, page_size, nbytes, MODES[mode], TRACKERS[tracker], features, compat, bytes(mid), state_size,
+        streams, CODECS[codec],
+    )
 
 
 _ACCEPT = struct.Struct("<QQII")
@@ -271,7 +313,9 @@ def decode_refuse(body: bytes) -> CompatibilityError:
     return CompatibilityError(f"destination refused the migration ({field}): {reason}", field=field)
 
 
-REFUSE_FIELDS = ("version", "page_size", "nbytes", "memory", "compat", "features", "mode", "state_size", "tracker")
+REFUSE_FIELDS = (
+    "version", "page_size", "nbytes", "memory", "compat", "features", "mode", "state_size", "tracker", "codec", "streams",
+)
 
 
 def encode_error(code: ErrorCode, message: str) -> bytes:
@@ -292,6 +336,19 @@ def encode_cancel(reason: str) -> bytes:
 
 def decode_cancel(body: bytes) -> str:
     return _decode_text_frame(body)[1]
+
+
+# -- authentication and extra streams --------------------------------------
+
+
+def encode_auth(step: int, body: bytes) -> bytes:
+    """AUTH step 1 (source nonce), 2 (destination nonce + MAC) or 3 (source MAC)."""
+    return encode_header(Frame.AUTH, count=step, length=len(body)) + body
+
+
+def encode_stream(index: int, migration_id: bytes) -> bytes:
+    """STREAM ``index``: an extra page connection of the migration ``migration_id`` (and its echo)."""
+    return encode_header(Frame.STREAM, count=index, length=len(migration_id)) + migration_id
 
 
 # -- runs ------------------------------------------------------------------

@@ -20,6 +20,8 @@ __all__ = [
     "clear_bits",
     "compare_hashes",
     "count_bits",
+    "delta_decode_runs",
+    "delta_encode_runs",
     "dirty_runs",
     "hash_delta",
     "hash_pages",
@@ -29,6 +31,8 @@ __all__ = [
     "runs_nbytes",
     "send_runs",
     "set_bits",
+    "xbzrle_decode",
+    "xbzrle_encode",
     "zero_pages",
 ]
 
@@ -338,3 +342,183 @@ def recv_runs(fd: int, buf: Any, page_size: int, runs: _U64, offset: int = 0) ->
         raise ValueError(f"offset {offset} outside 0..{total}")
     segments = _skip(_segments(view, page_size, runs, memoryview(b"")), offset)
     return _move(fd, segments, os.readv)
+
+
+# -- delta encoding (XBZRLE) ---------------------------------------------------
+#
+# A page's delta is the XOR of its new content with the destination's copy, as
+# pairs ``zrun nzrun bytes[nzrun]`` (ULEB128 lengths of at most 5 bytes, nzrun
+# >= 1, a trailing zero run left out). A batch is a u32 little-endian length
+# per page (``0x80000000 | n``: the page raw) followed by the encodings.
+
+_RAW_BIT = 0x80000000
+
+
+def _uleb(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        if value < 0x80:
+            out.append(value)
+            return bytes(out)
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+
+
+def _read_uleb(data: memoryview, i: int) -> tuple[int, int]:
+    value = 0
+    for k in range(5):
+        if i >= len(data):
+            raise ValueError("delta is truncated (a length or its bytes run past the end of the delta)")
+        byte = data[i]
+        value |= (byte & 0x7F) << (7 * k)
+        i += 1
+        if not byte & 0x80:
+            return value, i
+    raise ValueError("delta is truncated (a length or its bytes run past the end of the delta)")
+
+
+def _xbzrle_bytes(old: memoryview, new: memoryview) -> bytes:
+    xor = np.frombuffer(old, np.uint8) ^ np.frombuffer(new, np.uint8)
+    nonzero = np.flatnonzero(np.diff(np.concatenate(([0], (xor != 0).view(np.int8), [0]))))
+    out = bytearray()
+    pos = 0
+    for start, stop in zip(nonzero[::2].tolist(), nonzero[1::2].tolist()):
+        out += _uleb(start - pos) + _uleb(stop - start) + xor[start:stop].tobytes()
+        pos = stop
+    return bytes(out)
+
+
+def _xbzrle_parse(delta: memoryview, n: int) -> list[tuple[int, int, int]]:
+    """The (page offset, delta offset, length) of each non-zero run; ValueError if malformed."""
+    out = []
+    i = pos = 0
+    while i < len(delta):
+        zrun, i = _read_uleb(delta, i)
+        if zrun > n - pos:
+            raise ValueError("delta would write past the end of the page")
+        pos += zrun
+        if i == len(delta):
+            break
+        nzrun, i = _read_uleb(delta, i)
+        if nzrun == 0:
+            raise ValueError("delta has a non-zero run of length 0")
+        if nzrun > n - pos:
+            raise ValueError("delta would write past the end of the page")
+        if nzrun > len(delta) - i:
+            raise ValueError("delta is truncated (a length or its bytes run past the end of the delta)")
+        out.append((pos, i, nzrun))
+        i += nzrun
+        pos += nzrun
+    return out
+
+
+def _xbzrle_apply(delta: memoryview, page: memoryview, parts: list[tuple[int, int, int]]) -> None:
+    arr = np.frombuffer(page, np.uint8)
+    src = np.frombuffer(delta, np.uint8)
+    for pos, i, n in parts:
+        arr[pos : pos + n] ^= src[i : i + n]
+
+
+def xbzrle_encode(old: Any, new: Any, out: Any) -> int:
+    a, b, o = _bytes_view(old), _bytes_view(new), _bytes_view(out, writable=True)
+    if len(a) != len(b):
+        raise ValueError(f"old and new differ in size ({len(a)} and {len(b)} bytes)")
+    enc = _xbzrle_bytes(a, b)
+    if len(enc) > len(o):
+        return -1
+    o[: len(enc)] = enc
+    return len(enc)
+
+
+def xbzrle_decode(delta: Any, page: Any) -> None:
+    d, p = _bytes_view(delta), _bytes_view(page, writable=True)
+    _xbzrle_apply(d, p, _xbzrle_parse(d, len(p)))
+
+
+def _run_pages(runs: _U64, page_size: int, nbytes: int) -> list[tuple[int, int]]:
+    """(offset, real size) of every page of ``runs``, in order."""
+    return [
+        (p * page_size, min(page_size, nbytes - p * page_size))
+        for first, count in runs.tolist()
+        for p in range(first, first + count)
+    ]
+
+
+def delta_encode_runs(
+    buf: Any, page_size: int, runs: _U64, cache: Any, slots: Any, bases: Any, out: Any
+) -> tuple[int, int]:
+    view = _bytes_view(buf)
+    _check_page_size(page_size)
+    _check_runs(runs, _npages(len(view), page_size))
+    o = _bytes_view(out, writable=True)
+    pages = _run_pages(runs, page_size, len(view))
+    slots = np.asarray(slots)
+    bases = np.asarray(bases)
+    if not isinstance(cache, np.ndarray) or cache.dtype != np.uint8 or cache.ndim != 2:
+        raise TypeError("cache must be a 2-D numpy uint8 array")
+    nslots = cache.shape[0]
+    if nslots and cache.shape[1] < page_size:
+        raise ValueError(f"cache rows of {cache.shape[1]} bytes are shorter than a page")
+    if len(slots) != len(pages) or len(bases) != len(pages):
+        raise ValueError(f"slots and bases need one item per page of the runs ({len(pages)})")
+    for i, (s, b) in enumerate(zip(slots.tolist(), bases.tolist())):
+        if s < -1 or s >= nslots or (b and s < 0):
+            raise ValueError(f"slot {s} of page {i} is outside the cache's {nslots} rows")
+    total = sum(n for _, n in pages)
+    if len(o) < 4 * len(pages) + total:
+        raise ValueError(f"out needs {4 * len(pages) + total} bytes, has {len(o)}")
+    pos = 4 * len(pages)
+    overflow = 0
+    for k, (off, n) in enumerate(pages):
+        new = bytes(view[off : off + n])  # read once: the bytes sent are the bytes cached
+        slot = int(slots[k])
+        enc = None
+        if bases[k]:
+            enc = _xbzrle_bytes(memoryview(cache[slot, :n].tobytes()), memoryview(new))
+            if len(enc) > n - 1:
+                enc = None
+                overflow += 1
+        if enc is not None:
+            o[4 * k : 4 * k + 4] = len(enc).to_bytes(4, "little")
+            o[pos : pos + len(enc)] = enc
+            pos += len(enc)
+        else:
+            o[4 * k : 4 * k + 4] = (_RAW_BIT | n).to_bytes(4, "little")
+            o[pos : pos + n] = new
+            pos += n
+        if slot >= 0:
+            cache[slot, :n] = np.frombuffer(new, np.uint8)
+    return pos, overflow
+
+
+def delta_decode_runs(buf: Any, page_size: int, runs: _U64, payload: Any) -> None:
+    view = _bytes_view(buf, writable=True)
+    _check_page_size(page_size)
+    _check_runs(runs, _npages(len(view), page_size))
+    p = _bytes_view(payload)
+    pages = _run_pages(runs, page_size, len(view))
+    if len(p) < 4 * len(pages):
+        raise ValueError(f"delta batch of {len(p)} bytes is shorter than its table of {len(pages)} pages")
+    plan: list[tuple[int, int, int, list[tuple[int, int, int]] | None]] = []
+    pos = 4 * len(pages)
+    for k, (off, n) in enumerate(pages):  # check everything before writing a byte
+        length = int.from_bytes(p[4 * k : 4 * k + 4], "little")
+        if length & _RAW_BIT:
+            length &= ~_RAW_BIT
+            if length != n:
+                raise ValueError("a raw page in the delta batch has the wrong size")
+            if length > len(p) - pos:
+                raise ValueError("delta is truncated (a length or its bytes run past the end of the delta)")
+            plan.append((off, n, pos, None))
+        else:
+            if length > len(p) - pos:
+                raise ValueError("delta is truncated (a length or its bytes run past the end of the delta)")
+            plan.append((off, n, pos, _xbzrle_parse(p[pos : pos + length], n)))
+        pos += length
+    if pos != len(p):
+        raise ValueError(f"delta batch has {len(p) - pos} bytes left over after its pages")
+    for off, n, at, parts in plan:
+        if parts is None:
+            view[off : off + n] = p[at : at + n]
+        else:
+            _xbzrle_apply(p[at:], view[off : off + n], parts)

@@ -22,8 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from migcore import _kernels
+from migcore import _codecs, _kernels
 from migcore import _protocol as P
+from migcore._bandwidth import TokenBucket
+from migcore._delta import DEFAULT_CACHE_BYTES, DeltaCache
 from migcore._destination import error_from_peer
 from migcore._errors import (
     MigrationCancelled,
@@ -33,8 +35,10 @@ from migcore._errors import (
     ProtocolError,
 )
 from migcore._region import Region, new_bitmap, runs_in
+from migcore._security import authenticate_source
 from migcore._stats import MigrationStats, StatsRecorder
 from migcore._trackers import HashTracker, Tracker, hash_delta_parallel, make_tracker, runs_to_pages, zero_page_hashes
+from migcore._streams import StreamSenders, open_streams
 from migcore._transport import Connection
 
 log = logging.getLogger("migcore")
@@ -60,6 +64,28 @@ THROTTLE_MAX = 99
 ON_STALL = ("finish", "postcopy", "throttle", "cancel")
 
 
+def zero_pages_parallel(region: Region, zeros: U64, threads: int) -> int:
+    """``zero_pages`` over the whole region on up to ``threads`` threads; returns the zero-page count."""
+    npages = region.npages
+    step = -(-npages // max(1, threads if region.nbytes >= 32 << 20 else 1))
+    step = -(-step // 64) * 64  # whole bitmap words per thread
+    bounds = [(lo, min(lo + step, npages)) for lo in range(0, npages, step)]
+    counts = [0] * len(bounds)
+
+    def work(i: int) -> None:
+        counts[i] = int(_kernels.zero_pages(region.view, region.page_size, zeros, bounds[i][0], bounds[i][1]))
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(1, len(bounds))]
+    for t in workers:
+        t.start()
+    try:
+        work(0)
+    finally:
+        for t in workers:
+            t.join()
+    return sum(counts)
+
+
 @dataclass(frozen=True)
 class SourceOptions:
     mode: str
@@ -75,6 +101,15 @@ class SourceOptions:
     throttle: Callable[[int], object] | None
     progress: Callable[[MigrationStats], object] | None
     threads: int = 2
+    compress: str | None = None
+    delta: bool = False
+    delta_cache_bytes: int = DEFAULT_CACHE_BYTES
+    token: bytes | None = None
+    bandwidth_limit: float | None = None
+    postcopy_bandwidth_limit: float | None = None
+    streams: int = 1
+    #: Opens one more connection to the destination (TLS included), for the extra streams.
+    connect: Callable[[], Connection] | None = None
 
 
 class Source:
@@ -102,6 +137,16 @@ class Source:
         self.bandwidth = 0.0
         # the post-copy owed bitmap, kept for the error report if the link breaks
         self.owed: U64 | None = None
+        self.codec = _codecs.get_codec(opts.compress) if opts.compress else None
+        self.delta = (
+            DeltaCache(region.npages, region.page_size, region.nbytes, opts.delta_cache_bytes) if opts.delta else None
+        )
+        self.bucket = TokenBucket(opts.bandwidth_limit) if opts.bandwidth_limit else None
+        self.postcopy_bucket = TokenBucket(opts.postcopy_bandwidth_limit) if opts.postcopy_bandwidth_limit else None
+        self.senders: StreamSenders | None = None
+        self.rounds_sent = 0
+        self.stats.streams = opts.streams
+        self.stats.compress = opts.compress or ""
 
     # -- helpers -----------------------------------------------------------
 
@@ -141,7 +186,15 @@ class Source:
 
     def handshake(self, state_size: int) -> None:
         region = self.region
+        if self.opts.token is not None:
+            authenticate_source(self.conn, self.opts.token)  # before anything else, inside TLS if any
         features = P.FEATURE_POSTCOPY if self.opts.mode in ("postcopy", "hybrid") or self.opts.on_stall == "postcopy" else 0
+        if self.delta is not None:
+            features |= P.FEATURE_DELTA
+        if self.codec is not None:
+            features |= P.FEATURE_COMPRESS
+        if self.opts.streams > 1:
+            features |= P.FEATURE_STREAMS
         hello = P.Hello(
             version=P.PROTOCOL_VERSION,
             page_size=region.page_size,
@@ -152,6 +205,8 @@ class Source:
             compat=self.opts.compat,
             migration_id=self.mid,
             state_size=state_size,
+            streams=self.opts.streams,
+            codec=self.opts.compress,
         )
         self.send_frame(P.encode_hello(hello), "sending HELLO")
         header = self.read_header("waiting for ACCEPT")
@@ -163,15 +218,30 @@ class Source:
         self.accept = P.decode_accept(self.read_body(header, P.MAX_CONTROL_BODY, "reading ACCEPT"))
         if self.accept.features & features != features:
             raise ProtocolError("the destination accepted without the features this migration needs")
+        if self.opts.streams > 1:
+            assert self.opts.connect is not None
+            self.senders = open_streams(self, self.opts.connect, self.opts.streams)
+
+    def batch_cap(self, postcopy: bool = False) -> int:
+        """Largest page payload per PAGES frame: room for an encoded batch's overhead, the bucket's size."""
+        assert self.accept is not None
+        ps = self.region.page_size
+        cap = min(POSTCOPY_BATCH_BYTES if postcopy else BATCH_BYTES, self.accept.max_payload)
+        if self.codec is not None or self.delta is not None:
+            cap = cap // 2  # a delta batch adds 4 bytes a page, a compressed one its size prefix
+        bucket = self.postcopy_bucket if postcopy else self.bucket
+        if bucket is not None:
+            cap = min(cap, bucket.max_batch(ps))
+        return max(ps, cap)
 
     # -- sending pages -------------------------------------------------------
 
-    def send_bitmap(self, dirty: U64, *, phase: str) -> tuple[list[U64], int]:
+    def send_bitmap(self, dirty: U64, *, phase: str, hash_into: U64 | None = None) -> tuple[list[U64], int]:
         """Send every page set in ``dirty`` in bounded PAGES frames; return the runs sent and their bytes."""
         assert self.accept is not None
         region = self.region
         ps = region.page_size
-        cap = max(ps, min(BATCH_BYTES, self.accept.max_payload))
+        cap = self.batch_cap()
         max_run = max(1, cap // ps)
         nruns_cap = min(BATCH_RUNS, self.accept.max_runs)
         out = self.batch_runs[:nruns_cap]
@@ -189,32 +259,100 @@ class Source:
                 runs = runs[:keep]
                 resume = int(runs[-1, 0] + runs[-1, 1])  # the next run starts at or after this page
             runs = runs.copy()
-            self.send_runs(runs, phase=phase)
+            if hash_into is not None:  # the final hash of a frozen page, taken as it goes out
+                _kernels.hash_runs(region.view, ps, runs, hash_into)
+            if self.senders is not None:
+                self.senders.submit(runs, phase)
+            else:
+                self.send_runs(runs, phase=phase)
             sent.append(runs)
             payload_total += P.runs_payload(runs, ps, region.nbytes)
             cursor = resume
         return sent, payload_total
 
-    def send_runs(self, runs: U64, *, phase: str, flags: int = 0) -> int:
-        """One PAGES frame, straight from the region; returns its payload bytes."""
+    def send_runs(
+        self,
+        runs: U64,
+        *,
+        phase: str,
+        flags: int = 0,
+        conn: Connection | None = None,
+        bucket: TokenBucket | None | bool = True,
+    ) -> int:
+        """One PAGES frame, straight from the region (or encoded); returns its payload bytes.
+
+        ``conn`` is an extra stream's connection (its thread never calls the
+        progress callback); ``bucket=True`` means the pre-copy bandwidth limit.
+        """
         region = self.region
+        main = conn is None
+        conn = self.conn if conn is None else conn
+        limit = self.bucket if bucket is True else bucket or None
         payload = P.runs_payload(runs, region.page_size, region.nbytes)
-        header = P.encode_runs_header(P.Frame.PAGES, runs, payload, flags=flags)
-        self.conn.send_pages(
-            region.view,
-            region.page_size,
-            runs,
-            header,
-            len(header) + payload,
-            f"sending pages ({phase})",
-            between=self.report,
-        )
+        what = f"sending pages ({phase})"
+        # post-copy pages go raw: demand latency first, and the userfaultfd receiver writes them straight in
+        if (self.codec is None and self.delta is None) or flags & P.FLAG_POSTCOPY:
+            header = P.encode_runs_header(P.Frame.PAGES, runs, payload, flags=flags)
+            wire = len(header) + payload
+            self.hold_back(limit, wire)
+            conn.send_pages(
+                region.view, region.page_size, runs, header, wire, what, between=self.report if main else None
+            )
+        else:
+            body, flags = self.encode_batch(runs, payload, flags)
+            header = P.encode_runs_header(P.Frame.PAGES, runs, len(body), flags=flags)
+            wire = len(header) + len(body)
+            self.hold_back(limit, wire)
+            conn.send_all(header, what)
+            conn.send_all(body, what)
         pages = int(runs[:, 1].sum())
-        self.stats.add_pages(pages, payload, len(header) + payload, postcopy=bool(flags & P.FLAG_POSTCOPY))
+        self.stats.add_pages(pages, payload, wire, postcopy=bool(flags & P.FLAG_POSTCOPY))
         with self.stats.lock:
             self.stats.remaining_bytes = max(0, self.stats.remaining_bytes - payload)
-        self.report()
+        if main:
+            self.report()
         return payload
+
+    def hold_back(self, bucket: TokenBucket | None, nbytes: int) -> None:
+        if bucket is not None:
+            waited = bucket.take(nbytes)
+            if waited:
+                with self.stats.lock:
+                    self.stats.bandwidth_wait += waited
+
+    def encode_batch(self, runs: U64, payload: int, flags: int) -> tuple[memoryview, int]:
+        """The batch delta-encoded and/or compressed, with its PAGES flags; raw when encoding does not pay."""
+        region = self.region
+        body: memoryview
+        if self.delta is not None:
+            npg = int(runs[:, 1].sum())
+            out = bytearray(4 * npg + payload)
+            size, hits = self.delta.encode(region.view, runs, out)
+            if hits:
+                body = memoryview(out)[:size]
+                flags |= P.FLAG_DELTA
+            else:  # no page had a base: the table would be pure overhead, the pages follow it raw
+                body = memoryview(out)[4 * npg : size]
+            with self.stats.lock:
+                self.stats.delta_hits = self.delta.hits
+                self.stats.delta_misses = self.delta.misses
+                self.stats.delta_overflow = self.delta.overflow
+                self.stats.delta_bytes_saved += payload - body.nbytes
+        else:
+            ps = region.page_size
+            body = memoryview(
+                b"".join(region.view[a * ps : min((a + n) * ps, region.nbytes)] for a, n in runs.tolist())
+            )
+        if self.codec is not None:
+            before = body.nbytes
+            packed = _codecs.pack(self.codec, body)
+            if packed is not None:
+                body = memoryview(packed)
+                flags |= P.FLAG_COMPRESSED
+            with self.stats.lock:
+                self.stats.compress_before += before
+                self.stats.compress_after += body.nbytes
+        return body, flags
 
     # -- the pause -------------------------------------------------------------
 
@@ -245,6 +383,28 @@ class Source:
             self.stats.remaining_bytes = count * self.region.page_size
         return dirty, table, count
 
+    def nonzero_pass(self) -> tuple[U64, U64, int]:
+        """During the pause, with nothing sent yet: the non-zero pages (what a fresh destination lacks).
+
+        No hashing here: a zero scan reads one cache line of a non-zero page.
+        The returned table holds zero-page hashes; the pages are hashed into it
+        just before they are sent (the region is frozen from the pause on), so
+        the pause does not grow with a full-region hash pass.
+        """
+        region = self.region
+        zeros = new_bitmap(region.npages)
+        nzero = zero_pages_parallel(region, zeros, self.opts.threads)
+        dirty = np.invert(zeros)
+        tail = region.npages & 63
+        if tail:
+            dirty[-1] &= np.uint64((1 << tail) - 1)
+        count = region.npages - nzero
+        with self.stats.lock:
+            self.stats.rounds += 1
+            self.stats.pages_per_round.append(count)
+            self.stats.remaining_bytes = count * region.page_size
+        return dirty, zero_page_hashes(region), count
+
     # -- the whole run -------------------------------------------------------
 
     def run(self) -> MigrationStats:
@@ -267,9 +427,15 @@ class Source:
                 finally:
                     tracker.close()
         except BaseException as exc:
-            self.fail(exc)
-            raise
+            # a stream thread's failure is the real cause of the main connection closing under us
+            err = self.senders.cause(exc) if self.senders is not None else exc
+            self.fail(err)
+            if err is exc:
+                raise
+            raise err from exc
         finally:
+            if self.senders is not None:
+                self.senders.close()
             if self.throttle_level and self.opts.throttle is not None:
                 self.throttle_level = 0
                 self.stats.throttle_percentage = 0
@@ -326,22 +492,26 @@ class Source:
             started = time.monotonic()
             sent, payload = self.send_bitmap(dirty, phase=f"round {rnd}")
             runs = np.concatenate(sent) if sent else np.empty((0, 2), dtype=np.uint64)
-            self.send_frame(P.encode_header(P.Frame.ROUND_END, count=rnd), "sending ROUND_END")
-            header = self.expect_reply((P.Frame.ACK,), f"waiting for the ACK of round {rnd}")
+            if self.senders is not None:
+                self.senders.end_round(rnd)
+                # the destination acknowledges a round's pages in page order, whichever stream carried them
+                runs = runs[np.argsort(runs[:, 0], kind="stable")]
+            self.rounds_sent = rnd + 1
             npg = int(runs[:, 1].sum()) if len(runs) else 0
-            if header.count != rnd:
-                raise ProtocolError(f"ACK for round {header.count} while waiting for round {rnd}")
-            body = self.read_body(header, 8 * npg, "reading ACK", exact=8 * npg)
-            hashes = np.frombuffer(body, dtype="<u8").astype(np.uint64)
+            hashes = self.end_round(rnd, runs, npg)
             if len(runs):
                 # rule 1: the next round compares with what the destination stored, not what was sent
                 if isinstance(tracker, HashTracker):
                     tracker.acknowledge(runs, hashes)
                 else:
                     baseline[runs_to_pages(runs)] = hashes
+                if self.delta is not None:
+                    self.delta.acknowledge(runs, hashes)
             elapsed = max(time.monotonic() - started, 1e-6)
             if payload >= MIN_BANDWIDTH_SAMPLE or self.bandwidth == 0.0:
                 self.bandwidth = max(payload / elapsed, 1.0)
+            if self.bucket is not None:  # the limit caps what the next rounds can move
+                self.bandwidth = self.bucket.effective_rate(self.bandwidth)
             rnd += 1
             with self.stats.lock:
                 self.stats.rounds = rnd
@@ -382,17 +552,40 @@ class Source:
                 continue
             return baseline, False
 
+    def end_round(self, rnd: int, runs: U64, npg: int) -> U64:
+        """End round ``rnd`` and return the hashes the destination stored for its ``npg`` pages (in run order)."""
+        self.send_frame(P.encode_header(P.Frame.ROUND_END, count=rnd), "sending ROUND_END")
+        header = self.expect_reply((P.Frame.ACK,), f"waiting for the ACK of round {rnd}")
+        if header.count != rnd:
+            raise ProtocolError(f"ACK for round {header.count} while waiting for round {rnd}")
+        body = self.read_body(header, 8 * npg, "reading ACK", exact=8 * npg)
+        return np.frombuffer(body, dtype="<u8").astype(np.uint64)
+
     # -- the switchover --------------------------------------------------------
 
     def switch(self, baseline: U64, *, postcopy: bool, first: bool) -> None:
         """Pause, send what is left (or the owed list) and the state, and wait for the destination's commit."""
         self.do_pause()
-        dirty, table, count = self.final_pass(baseline)
+        # nothing sent yet (stop-and-copy, pure post-copy): hash each page as it goes, not all at the pause
+        lazy = table = None
         if first:
+            dirty, lazy, count = self.nonzero_pass()
             self.stats.zero_pages = self.region.npages - count
-        digest = P.table_digest(table)
+        else:
+            dirty, table, count = self.final_pass(baseline)
         if not postcopy:
-            self.send_bitmap(dirty, phase="stop-and-copy")
+            self.send_bitmap(dirty, phase="stop-and-copy", hash_into=lazy)
+        if lazy is None:
+            assert table is not None
+            digest = P.table_digest(table)
+        elif postcopy:  # a digest of zeros: "the digest comes with END", once every owed page was hashed
+            digest = bytes(P.DIGEST_SIZE)
+        else:
+            digest = P.table_digest(lazy)
+        if self.senders is not None:
+            # every stream marks the end of the final pass (empty in post-copy), then closes its part
+            self.senders.end_round(self.rounds_sent)
+            self.senders.finish()
         state = self.get_state()
         self.stats.state_bytes = len(state)
         self.send_frame(P.encode_header(P.Frame.STATE, length=len(state)) + state, "sending the state")
@@ -404,7 +597,7 @@ class Source:
         self.send_frame(P.encode_postcopy(digest, dirty), "sending POSTCOPY")
         self.await_switch(P.Frame.SWITCHED, "waiting for the destination to switch to post-copy")
         self.stats.downtime = time.monotonic() - (self.paused_at or time.monotonic())
-        self.postcopy_service(dirty, count)
+        self.postcopy_service(dirty, count, hash_into=lazy)
         self.finish_ok()
 
     def await_switch(self, frame: P.Frame, what: str) -> None:
@@ -442,7 +635,7 @@ class Source:
 
     # -- post-copy ---------------------------------------------------------------
 
-    def postcopy_service(self, owed: U64, count: int) -> None:
+    def postcopy_service(self, owed: U64, count: int, hash_into: U64 | None = None) -> None:
         """Push every owed page exactly once; demanded runs jump the queue."""
         region = self.region
         ps = region.page_size
@@ -485,13 +678,14 @@ class Source:
         try:
             remaining = count
             cursor = 0
-            cap = max(ps, min(POSTCOPY_BATCH_BYTES, self.accept.max_payload if self.accept else POSTCOPY_BATCH_BYTES))
+            cap = self.batch_cap(postcopy=True)
             max_run = max(1, cap // ps)
             out = np.empty((BATCH_RUNS, 2), dtype=np.uint64)
             while remaining:
                 if errors:
                     raise errors[0]
                 runs = self.next_demanded(demands, owed, out, cap)
+                demanded = runs is not None
                 if runs is None:
                     nruns, resume = _kernels.dirty_runs(owed, npages, out, cursor, max_run)
                     if nruns == 0:
@@ -505,8 +699,16 @@ class Source:
                 for first, n in runs.tolist():
                     _kernels.clear_bits(owed, first, first + n)
                 remaining -= int(runs[:, 1].sum())
-                self.send_runs(runs, phase="post-copy", flags=P.FLAG_POSTCOPY)
-            self.send_frame(P.encode_header(P.Frame.END), "sending END")
+                # demand pages are never held back; the background push obeys postcopy_bandwidth_limit
+                bucket = None if demanded else self.postcopy_bucket
+                if hash_into is not None:  # the final hash of a frozen page, taken as it goes out
+                    _kernels.hash_runs(self.region.view, ps, runs, hash_into)
+                self.send_runs(runs, phase="post-copy", flags=P.FLAG_POSTCOPY, bucket=bucket)
+            if hash_into is None:
+                self.send_frame(P.encode_header(P.Frame.END), "sending END")
+            else:  # every owed page was hashed on its way out: END carries the digest of the pause
+                digest = P.table_digest(hash_into)
+                self.send_frame(P.encode_header(P.Frame.END, length=len(digest)) + digest, "sending END")
             if not done.wait(self.opts.timeout):
                 raise MigrationTimeout(f"the destination did not confirm post-copy within {self.opts.timeout:g} s")
             if errors:

@@ -17,6 +17,15 @@ class MigrationStats:
     synchronisations, the final one during the pause included (QEMU's
     ``dirty-sync-count``). ``downtime`` runs from ``pause()`` returning to the
     destination confirming it holds what it needs to resume.
+
+    Compression (``compress=``): ``compress_before`` page bytes went into the
+    codec and ``compress_after`` came out (batches that did not shrink count
+    as raw on both sides). Delta encoding (``delta=True``, QEMU's XBZRLE
+    counters): ``delta_hits`` pages had a cached copy of what the destination
+    holds, ``delta_misses`` did not, ``delta_overflow`` hits were sent raw
+    because their delta was not smaller than the page, and
+    ``delta_bytes_saved`` is page bytes minus delta bytes sent.
+    ``bandwidth_wait`` is the time the bandwidth limit held traffic back.
     """
 
     status: str = "setup"
@@ -44,6 +53,15 @@ class MigrationStats:
     throttle_percentage: int = 0
     verified: bool = False
     error: str = ""
+    streams: int = 1
+    compress: str = ""
+    compress_before: int = 0
+    compress_after: int = 0
+    delta_hits: int = 0
+    delta_misses: int = 0
+    delta_overflow: int = 0
+    delta_bytes_saved: int = 0
+    bandwidth_wait: float = 0.0
 
 
 class StatsRecorder:
@@ -80,6 +98,15 @@ class StatsRecorder:
         self.throttle_percentage = 0
         self.verified = False
         self.error = ""
+        self.streams = 1
+        self.compress = ""
+        self.compress_before = 0
+        self.compress_after = 0
+        self.delta_hits = 0
+        self.delta_misses = 0
+        self.delta_overflow = 0
+        self.delta_bytes_saved = 0
+        self.bandwidth_wait = 0.0
 
     def add_pages(self, pages: int, payload: int, wire: int, *, postcopy: bool = False) -> None:
         """Count one PAGES frame: ``payload`` page bytes, ``wire`` bytes in all."""
@@ -131,5 +158,14 @@ class StatsRecorder:
                 throttle_percentage=self.throttle_percentage,
                 verified=self.verified,
                 error=self.error,
+                streams=self.streams,
+                compress=self.compress,
+                compress_before=self.compress_before,
+                compress_after=self.compress_after,
+                delta_hits=self.delta_hits,
+                delta_misses=self.delta_misses,
+                delta_overflow=self.delta_overflow,
+                delta_bytes_saved=self.delta_bytes_saved,
+                bandwidth_wait=self.bandwidth_wait,
             )
 

@@ -14,6 +14,7 @@ import errno
 import os
 import select
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -23,25 +24,25 @@ import numpy as np
 from numpy.typing import NDArray
 
 from migcore import _kernels
-from migcore._errors import MigrationTimeout, PeerLostError
+from migcore._errors import AuthenticationError, MigrationTimeout, PeerLostError
 
 
 @dataclass(frozen=True)
 class Address:
-    scheme: str  # "tcp" | "unix"
+    scheme: str  # "tcp" | "unix" | "file"
     host: str = ""
     port: int = 0
     path: str = ""
 
     def __str__(self) -> str:
-        if self.scheme == "unix":
-            return f"unix://{self.path}"
+        if self.scheme in ("unix", "file"):
+            return f"{self.scheme}://{self.path}"
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"tcp://{host}:{self.port}"
 
 
 def parse_address(address: str) -> Address:
-    """``tcp://HOST:PORT`` (``[v6]:PORT`` too) or ``unix:///absolute/path``."""
+    """``tcp://HOST:PORT`` (``[v6]:PORT`` too), ``unix:///absolute/path`` or ``file:///absolute/path``."""
     if not isinstance(address, str):
         raise TypeError(f"address must be a str like 'tcp://127.0.0.1:0', not {type(address).__name__}")
     scheme, sep, rest = address.partition("://")
@@ -51,8 +52,12 @@ def parse_address(address: str) -> Address:
         if not rest:
             raise ValueError(f"address {address!r} has no socket path")
         return Address("unix", path=rest)
+    if scheme == "file":
+        if not rest.startswith("/"):
+            raise ValueError(f"address {address!r} needs an absolute path: file:///PATH")
+        return Address("file", path=rest)
     if scheme != "tcp":
-        raise ValueError(f"unsupported transport {scheme!r} in {address!r}; use tcp:// or unix://")
+        raise ValueError(f"unsupported transport {scheme!r} in {address!r}; use tcp://, unix:// or file://")
     host, colon, port = rest.rpartition(":")
     if not colon or not port.isdigit():
         raise ValueError(f"address {address!r} needs a port: tcp://HOST:PORT")
@@ -230,9 +235,129 @@ class Connection:
         return self._closed
 
 
-def connect(address: str, timeout: float | None) -> Connection:
-    """Open a connection to a listening destination."""
+#: Largest slice of the region handed to one ``SSLSocket.send`` (the ssl module encrypts in user space).
+TLS_CHUNK = 1 << 20
+
+
+class TLSConnection(Connection):
+    """A :class:`Connection` over an ``ssl.SSLSocket``: the same framing, but no zero-copy page path.
+
+    The ssl module encrypts in user space, so ``sendmsg``/``recvmsg`` on the
+    descriptor cannot be used; pages go through the socket as memoryview
+    slices of the region (large chunks, no copy in Python beyond what ssl
+    does). A TLS failure before any byte arrived (a refused certificate
+    surfaces there in TLS 1.3) is an :class:`AuthenticationError`.
+    """
+
+    def _io(self, call: Callable[[], int], events: int, what: str) -> int:
+        while True:
+            try:
+                return call()
+            except ssl.SSLWantReadError:
+                self._wait(select.POLLIN, what)
+            except ssl.SSLWantWriteError:
+                self._wait(select.POLLOUT, what)
+            except (BlockingIOError, InterruptedError):
+                self._wait(events, what)
+            except ssl.SSLZeroReturnError as exc:
+                raise _lost(what, exc) from exc
+            except ssl.SSLError as exc:
+                # in TLS 1.3 the server checks the client certificate after the client's handshake ended:
+                # an alert or a TLS-level EOF before the peer said anything is the refusal
+                if self.received == 0:
+                    raise AuthenticationError(f"TLS refused while {what}: {exc}") from exc
+                raise _lost(what, exc) from exc
+            except ConnectionResetError as exc:
+                if self.received == 0:  # the same refusal, when the alert was lost to a reset
+                    raise AuthenticationError(f"TLS connection reset while {what}: refused after the handshake") from exc
+                raise _lost(what, exc) from exc
+            except OSError as exc:
+                raise _lost(what, exc) from exc
+
+    def recv_into_exact(self, buf: memoryview, what: str) -> None:
+        got = 0
+        n = buf.nbytes
+        while got < n:
+            k = self._io(lambda: self.sock.recv_into(buf[got:], n - got), select.POLLIN, what)
+            if k == 0:
+                raise _lost(what, OSError(f"connection closed after {got} of {n} bytes"))
+            got += k
+            self.received += k
+
+    def recv_pages(self, view: memoryview, page_size: int, runs: NDArray[np.uint64], total: int, what: str) -> None:
+        for first, count in runs.tolist():
+            start = first * page_size
+            self.recv_into_exact(view[start : min(start + count * page_size, view.nbytes)], what)
+
+    def send_all(self, data: bytes | bytearray | memoryview, what: str) -> None:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < view.nbytes:
+            k = self._io(lambda: self.sock.send(view[done : done + TLS_CHUNK]), select.POLLOUT, what)
+            done += k
+            self.sent += k
+
+    def send_pages(
+        self,
+        view: memoryview,
+        page_size: int,
+        runs: NDArray[np.uint64],
+        header: bytes,
+        total: int,
+        what: str,
+        between: Callable[[], None] | None = None,
+    ) -> None:
+        self.send_all(header, what)
+        for first, count in runs.tolist():
+            start = first * page_size
+            self.send_all(view[start : min(start + count * page_size, view.nbytes)], what)
+            if between is not None:
+                between()
+
+
+def _tls_handshake(
+    sock: socket.socket, ctx: ssl.SSLContext, timeout: float | None, *, server_hostname: str | None = None
+) -> TLSConnection:
+    """Wrap ``sock`` (blocking, within ``timeout``) and insist on TLS 1.3."""
+    server_side = server_hostname is None
+    sock.setblocking(True)
+    sock.settimeout(timeout)
+    who = "source" if server_side else "destination"
+    try:
+        tls = ctx.wrap_socket(sock, server_side=server_side, server_hostname=server_hostname, do_handshake_on_connect=False)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        tls.do_handshake()
+    except TimeoutError as exc:
+        tls.close()
+        raise MigrationTimeout(f"TLS handshake with the {who} took longer than {timeout:g} s") from exc
+    except (ssl.SSLZeroReturnError, ssl.SSLEOFError, ConnectionError) as exc:
+        tls.close()
+        raise AuthenticationError(f"the {who} closed the connection during the TLS handshake: {exc}") from exc
+    except ssl.SSLError as exc:
+        tls.close()
+        raise AuthenticationError(f"TLS handshake with the {who} failed: {exc}") from exc
+    except OSError as exc:
+        tls.close()
+        raise PeerLostError(f"TLS handshake with the {who} failed: {exc}") from exc
+    if tls.version() != "TLSv1.3":
+        tls.close()
+        raise AuthenticationError(f"the {who} negotiated {tls.version()}; migcore requires TLS 1.3")
+    return TLSConnection(tls, timeout)
+
+
+def secure_server(conn: Connection, ctx: ssl.SSLContext, timeout: float | None) -> TLSConnection:
+    """Run the server side of TLS on an accepted connection."""
+    return _tls_handshake(conn.sock, ctx, timeout)
+
+
+def connect(address: str, timeout: float | None, tls: ssl.SSLContext | None = None) -> Connection:
+    """Open a connection to a listening destination (TLS first when ``tls`` is given)."""
     addr = parse_address(address)
+    if addr.scheme == "file":
+        raise ValueError("file:// addresses are shared storage, not connections")
     try:
         if addr.scheme == "unix":
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -249,6 +374,8 @@ def connect(address: str, timeout: float | None) -> Connection:
         raise MigrationTimeout(f"could not connect to {addr} within {timeout:g} s") from exc
     except OSError as exc:
         raise PeerLostError(f"could not connect to {addr}: {exc}") from exc
+    if tls is not None:
+        return _tls_handshake(sock, tls, timeout, server_hostname=addr.host)
     return Connection(sock, timeout)
 
 
@@ -257,6 +384,8 @@ class Server:
 
     def __init__(self, address: str, backlog: int = 8) -> None:
         addr = parse_address(address)
+        if addr.scheme == "file":
+            raise ValueError("file:// addresses are shared storage, not sockets")
         self._unlink: str | None = None
         if addr.scheme == "unix":
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -1,4 +1,4 @@
-"""The ``migcore`` command line: ``send``, ``receive`` and ``demo``.
+"""The ``migcore`` command line: ``send``, ``receive``, ``demo`` and ``bench``.
 
 - ``migcore receive tcp://HOST:PORT [--out FILE]`` waits for one migration
   and writes the region to FILE (and the state blob to FILE.state).
@@ -8,6 +8,10 @@
 - ``migcore demo`` runs a whole migration in one process: a destination on
   loopback, a source region with a live workload dirtying it, a progress bar
   per round and a final table, and a byte-for-byte check of the result.
+- ``migcore bench [--quick|--full] [--out DIR]`` runs the benchmark suite
+  (:mod:`migcore.bench`): a grid of live migrations to a destination process,
+  with baselines, a summary table, targets, CSV/JSON, plots and a Markdown
+  snippet.
 
 This is the only module that prints or configures logging.
 """
@@ -22,6 +26,7 @@ import mmap
 import os
 import re
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -240,6 +245,19 @@ def stats_table(
     ]
     if get("throttle_percentage"):
         rows.append(("throttle", f"{get('throttle_percentage')}%"))
+    if (get("streams") or 1) > 1:
+        rows.append(("streams", str(get("streams"))))
+    if get("compress_before"):
+        before, after = get("compress_before"), get("compress_after")
+        rows.append((f"compressed ({get('compress') or 'codec'})", f"{format_size(before)} -> {format_size(after)}"))
+    if get("delta_hits") or get("delta_misses"):
+        rows.append((
+            "delta (XBZRLE)",
+            f"{get('delta_hits')} hits, {get('delta_misses')} misses, {get('delta_overflow')} overflow, "
+            f"{format_size(get('delta_bytes_saved'))} saved",
+        ))
+    if get("bandwidth_wait"):
+        rows.append(("held back by the bandwidth limit", format_seconds(get("bandwidth_wait"))))
     for name, value in [*rows, *extra]:
         table.add_row(name, value)
     return table
@@ -275,7 +293,60 @@ def _migrate_options(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.on_stall is not None:
         opts["on_stall"] = args.on_stall
+    # transfer modes (issue 4): only what was asked, so the defaults stay the library's
+    if args.compress is not None:
+        opts["compress"] = args.compress
+    if args.delta:
+        opts["delta"] = True
+        opts["delta_cache_bytes"] = args.delta_cache_size
+    if args.streams != 1:
+        opts["streams"] = args.streams
+    if args.bandwidth_limit is not None and not math.isinf(args.bandwidth_limit):
+        opts["bandwidth_limit"] = args.bandwidth_limit
+    if args.postcopy_bandwidth_limit is not None and not math.isinf(args.postcopy_bandwidth_limit):
+        opts["postcopy_bandwidth_limit"] = args.postcopy_bandwidth_limit
+    token = _token(args)
+    if token is not None:
+        opts["token"] = token
+    tls = _tls_context(args, server=False)
+    if tls is not None:
+        opts["tls"] = tls
     return opts
+
+
+def _token(args: argparse.Namespace) -> bytes | None:
+    """The shared token from --token or --token-file (its first line; a file keeps it out of ``ps``)."""
+    if getattr(args, "token_file", None):
+        lines = Path(args.token_file).read_bytes().splitlines()
+        return lines[0] if lines else b""
+    token = getattr(args, "token", None)
+    return token.encode() if token else None
+
+
+def _tls_context(args: argparse.Namespace, *, server: bool) -> ssl.SSLContext | None:
+    """A TLS 1.3 context from --tls-cert/--tls-key/--tls-ca, or None when none of them was given.
+
+    Source: verifies the destination against --tls-ca (or the system's CAs)
+    and presents --tls-cert if given. Destination: presents --tls-cert and,
+    with --tls-ca, requires a client certificate signed by it (mutual auth).
+    """
+    cert, key, ca = (getattr(args, name, None) for name in ("tls_cert", "tls_key", "tls_ca"))
+    if not (cert or key or ca):
+        return None
+    if server:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        if not cert:
+            raise SystemExit("migcore receive: --tls-ca or --tls-key needs --tls-cert (the destination's certificate)")
+        ctx.load_cert_chain(cert, key)
+        if ca:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(ca)
+    else:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+        if cert:
+            ctx.load_cert_chain(cert, key)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    return ctx
 
 
 # ---------------------------------------------------------------------------------------
@@ -298,7 +369,8 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
     received: list[Any] = []
     receive_error: list[BaseException] = []
 
-    with migcore.listen("tcp://127.0.0.1:0", compat=args.compat) as listener:
+    token, tls = _token(args), _tls_context(args, server=True)
+    with migcore.listen("tcp://127.0.0.1:0", compat=args.compat, token=token, tls=tls) as listener:
 
         def destination() -> None:
             try:
@@ -490,9 +562,42 @@ def cmd_send(args: argparse.Namespace, console: Console) -> int:
 # ---------------------------------------------------------------------------------------
 
 
+def cmd_bench(args: argparse.Namespace, console: Console) -> int:
+    """Run the benchmark suite (see :mod:`migcore.bench`); exit 1 if a run was not verified identical."""
+    from migcore.bench._grid import parse_rate
+    from migcore.bench._suite import BenchConfig, run_bench
+
+    try:
+        rates = tuple(parse_rate(r) for r in args.rates or ())
+    except ValueError as exc:
+        console.print(f"[red]--rates: {exc}[/]")
+        return 2
+    profile = "quick" if args.quick else "full" if args.full else "default"
+    repeat = args.repeat if args.repeat is not None else (2 if args.quick else 3)
+    config = BenchConfig(
+        profile=profile,
+        out=Path(args.out),
+        sizes=tuple(args.sizes or ()),
+        modes=tuple(args.modes or ()),
+        rates=rates,
+        seed=args.seed,
+        repeat=max(1, repeat),
+        warmup=0.1 if args.quick else 0.2,
+        fault_samples=100 if args.quick else 200,
+    )
+    results = run_bench(config, console)
+    return 0 if all(r["verified"] for r in results["runs"]) else 1
+
+
 def cmd_receive(args: argparse.Namespace, console: Console) -> int:
-    limits = {} if args.max_state_bytes is None else {"max_state_bytes": args.max_state_bytes}
-    with migcore.listen(args.address, max_bytes=args.max_bytes, compat=args.compat, **limits) as listener:
+    limits: dict[str, Any] = {} if args.max_state_bytes is None else {"max_state_bytes": args.max_state_bytes}
+    limits.update(token=_token(args), tls=_tls_context(args, server=True), insecure=args.insecure)
+    try:
+        listener = migcore.listen(args.address, max_bytes=args.max_bytes, compat=args.compat, **limits)
+    except ValueError as exc:
+        console.print(f"[red]migcore receive: {exc}[/]")
+        return 2
+    with listener:
         # the bound address goes to stdout first, so a script that passed port 0 can read it
         print(f"listening on {listener.address}", flush=True)
         while True:
@@ -560,6 +665,34 @@ def _add_migrate_options(p: argparse.ArgumentParser, *, default_tracker: str) ->
     p.add_argument("--compat", default=None, metavar="S", help="application compatibility string; both ends must agree")
     p.add_argument("--timeout", type=parse_duration, default=60.0, metavar="SECONDS", help="longest wait for the peer")
     p.add_argument("--no-progress", action="store_true", help="do not draw progress bars")
+    p.add_argument("--compress", choices=("zstd", "lz4"), default=None, help="compress page batches with this codec")
+    p.add_argument("--delta", action="store_true", help="send pages sent again as XBZRLE deltas")
+    p.add_argument(
+        "--delta-cache-size", type=parse_size, default=64 << 20, metavar="SIZE",
+        help="page cache of --delta (default: 64MiB)",
+    )
+    p.add_argument("--streams", type=int, default=1, help="parallel page connections (default: 1, the main one)")
+    p.add_argument(
+        "--bandwidth-limit", type=parse_rate, default=None, metavar="RATE", help="cap page traffic, e.g. 100MiB/s"
+    )
+    p.add_argument(
+        "--postcopy-bandwidth-limit", type=parse_rate, default=None, metavar="RATE",
+        help="cap the background push after a post-copy switch (demand pages are never held back)",
+    )
+    _add_auth_options(p)
+
+
+def _add_auth_options(p: argparse.ArgumentParser) -> None:
+    """--token/--token-file and --tls-cert/--tls-key/--tls-ca, shared by send, receive and demo."""
+    p.add_argument("--token", default=None, metavar="SECRET", help="shared secret both ends must hold (HMAC-proven)")
+    p.add_argument("--token-file", default=None, metavar="F", help="read the shared secret from F's first line")
+    p.add_argument("--tls-cert", default=None, metavar="PEM", help="this side's certificate (TLS 1.3)")
+    p.add_argument("--tls-key", default=None, metavar="PEM", help="the private key of --tls-cert")
+    p.add_argument(
+        "--tls-ca", default=None, metavar="PEM",
+        help="CA that signs the peer: the source checks the destination with it; the destination then requires "
+        "client certificates (mutual auth)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -631,7 +764,29 @@ def build_parser() -> argparse.ArgumentParser:
     recv.add_argument(
         "--timeout", type=parse_duration, default=None, metavar="SECONDS", help="longest wait for a source"
     )
+    recv.add_argument(
+        "--insecure", action="store_true",
+        help="accept unauthenticated sources on a non-loopback address (no --token or --tls-*)",
+    )
+    _add_auth_options(recv)
     recv.set_defaults(func=cmd_receive)
+
+    bench = sub.add_parser(
+        "bench", parents=[common], help="run the benchmark suite: live migrations over loopback, tables and plots"
+    )
+    grid = bench.add_mutually_exclusive_group()
+    grid.add_argument("--quick", action="store_true", help="a small grid in under a minute (a smoke test)")
+    grid.add_argument("--full", action="store_true", help="the default grid plus 2 and 4 GiB regions")
+    bench.add_argument("--out", default="bench-results", metavar="DIR", help="results folder (default: %(default)s)")
+    bench.add_argument("--sizes", nargs="+", type=parse_size, default=None, metavar="SIZE", help="region sizes of the sweep")
+    bench.add_argument("--modes", nargs="+", choices=MODES, default=None, metavar="MODE", help="modes to run")
+    bench.add_argument(
+        "--rates", nargs="+", default=None, metavar="RATE",
+        help="dirty rates of the sweep: fractions of the bare-socket bandwidth (0 0.25 1 2) or absolute (200MiB/s)",
+    )
+    bench.add_argument("--seed", type=int, default=0, help="seed for the data and the workloads (default: 0)")
+    bench.add_argument("--repeat", type=int, default=None, help="runs of each target scenario (best kept; default 3, --quick 2)")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -653,6 +808,10 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error("--hotset-fraction must be a fraction in (0, 1]")
     if getattr(args, "max_rounds", 1) < 1:
         parser.error("--max-rounds must be at least 1")
+    if getattr(args, "token", None) and getattr(args, "token_file", None):
+        parser.error("give --token or --token-file, not both")
+    if not 1 <= getattr(args, "streams", 1) <= 64:
+        parser.error("--streams must be from 1 to 64")
 
 
 def _configure_logging(verbose: int, console: Console) -> None:
