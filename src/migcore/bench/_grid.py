@@ -1,0 +1,184 @@
+"""The scenario grids: which migrations the suite runs (quick, default, full, or chosen on the command line)."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+MIB = 1 << 20
+GIB = 1 << 30
+
+MODES = ("stopcopy", "precopy", "postcopy", "hybrid")
+#: Share of random (non-zero) pages per fill; the rest of the pages are zero.
+FILLS = {"random": 1.0, "sparse": 0.1}
+
+#: Dirty rates of the main sweep, as fractions of the measured bare-socket bandwidth.
+DEFAULT_RATES: tuple[float, ...] = (0.0, 0.05, 0.1, 0.25, 0.45, 1.0, 2.0)
+QUICK_RATES: tuple[float, ...] = (0.0, 0.25, 1.0)
+
+#: migrate() options the suite exercises when this migcore has them, with the value to try.
+OPTIONAL_OPTIONS: dict[str, Any] = {
+    "compress": True,
+    "delta": True,
+    "streams": 2,
+    "bandwidth_limit": None,  # resolved to half the bare-socket bandwidth at run time
+}
+
+
+@dataclass(frozen=True)
+class Rate:
+    """A dirty rate: a fraction of the measured bare-socket bandwidth, or bytes per second."""
+
+    fraction: float | None = None
+    absolute: float | None = None
+
+    def resolve(self, bandwidth: float) -> float:
+        if self.absolute is not None:
+            return self.absolute
+        return (self.fraction or 0.0) * bandwidth
+
+    @property
+    def label(self) -> str:
+        if self.absolute is not None:
+            return f"{self.absolute / MIB:g}MiB/s"
+        return f"{self.fraction:g}xbw"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One migration to run: region size and fill, mode, workload pattern and rate, extra options."""
+
+    size: int
+    mode: str
+    rate: Rate = Rate(0.0)
+    pattern: str = "uniform"
+    fill: str = "random"
+    options: tuple[tuple[str, Any], ...] = ()
+    tags: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def name(self) -> str:
+        opts = "".join(f"+{k}" for k, _ in self.options)
+        return f"{self.mode}-{self.size // MIB}MiB-{self.fill}-{self.pattern}-{self.rate.label}{opts}"
+
+
+def parse_rate(text: str) -> Rate:
+    """``0.25`` (fraction of the bare-socket bandwidth), ``0.25x``, or an absolute ``200MiB/s``."""
+    t = text.strip().lower()
+    if t.endswith("/s"):
+        from migcore.cli import parse_size
+
+        return Rate(absolute=float(parse_size(t[:-2])))
+    t = t.rstrip("x")
+    value = float(t)
+    if value < 0:
+        raise ValueError(f"dirty rate must be >= 0, got {text!r}")
+    return Rate(fraction=value)
+
+
+def available_options(migrate: Any) -> list[str]:
+    """The optional migrate() parameters this migcore has (feature detection by signature)."""
+    params = inspect.signature(migrate).parameters
+    return [name for name in OPTIONAL_OPTIONS if name in params]
+
+
+def option_value(migrate: Any, name: str, bandwidth: float) -> Any:
+    """A value to exercise option ``name`` with, guessed from its default and annotation."""
+    if name == "bandwidth_limit":
+        return int(bandwidth / 2)
+    param = inspect.signature(migrate).parameters[name]
+    default, note = param.default, str(param.annotation)
+    if name == "compress":
+        try:
+            from migcore import _codecs
+
+            for codec in ("zstd", "lz4"):
+                if _codecs.available(codec):
+                    return codec
+        except (ImportError, AttributeError):
+            pass
+    if isinstance(default, bool) or note in ("bool", "<class 'bool'>"):
+        return True
+    if isinstance(default, int) and not isinstance(default, bool):
+        return max(2, default)
+    if "str" in note or isinstance(default, str):
+        choices = re.findall(r"['\"](\w+)['\"]", note)
+        for preferred in ("zstd", "lz4", "zlib", "auto"):
+            if preferred in choices or not choices:
+                return preferred
+        return choices[0]
+    return OPTIONAL_OPTIONS[name]
+
+
+def _sweep(sizes: Sequence[int], modes: Sequence[str], rates: Sequence[Rate], patterns: Sequence[str]) -> list[Scenario]:
+    out: list[Scenario] = []
+    for size in sizes:
+        for pattern in patterns:
+            for rate in rates:
+                for mode in modes:
+                    out.append(Scenario(size=size, mode=mode, rate=rate, pattern=pattern, tags=("sweep",)))
+    return out
+
+
+def build_grid(
+    profile: str,
+    *,
+    sizes: Sequence[int] | None = None,
+    modes: Sequence[str] | None = None,
+    rates: Sequence[Rate] | None = None,
+    options: Iterable[str] = (),
+) -> list[Scenario]:
+    """The scenarios of ``profile`` (``quick``, ``default`` or ``full``), narrowed by the given choices."""
+    modes = tuple(modes or MODES)
+    main = tuple(sizes or ((64 * MIB,) if profile == "quick" else (256 * MIB,)))
+    rate_list = tuple(rates or [Rate(f) for f in (QUICK_RATES if profile == "quick" else DEFAULT_RATES)])
+    grid: list[Scenario] = []
+    if profile == "quick":
+        grid += [Scenario(main[0], "stopcopy", tags=("stopcopy-random",))]
+        grid += [Scenario(main[0], "stopcopy", fill="sparse", tags=("stopcopy-sparse",))]
+        grid += [Scenario(main[0], "precopy", rate=r, tags=("sweep",)) for r in rate_list if (r.fraction or 0) > 0][:1]
+        grid += [Scenario(main[0], "hybrid", rate=rate_list[-1], tags=("sweep",))]
+        scaling = sorted({main[0], 4 * main[0]})
+        grid += [Scenario(s, "postcopy", tags=("postcopy-scaling",)) for s in scaling]
+        grid += [Scenario(main[0], "postcopy", fill="sparse", tags=("postcopy-sparse",))]
+    else:
+        grid += _sweep(main, modes, rate_list, ("uniform",))
+        for pattern in ("hotset", "sequential"):
+            grid += [
+                Scenario(main[0], mode, rate=Rate(f), pattern=pattern, tags=("patterns",))
+                for f in (0.25, 1.0)
+                for mode in ("precopy", "hybrid")
+            ]
+        grid += [Scenario(main[0], m, fill="sparse", tags=(f"{m}-sparse",)) for m in ("stopcopy", "precopy", "postcopy")]
+        scaling = [64 * MIB, 256 * MIB, GIB] + ([2 * GIB, 4 * GIB] if profile == "full" else [])
+        for s in scaling:
+            for m in ("stopcopy", "postcopy"):
+                grid.append(Scenario(s, m, tags=("postcopy-scaling" if m == "postcopy" else "stopcopy-random",)))
+            if s > main[0]:
+                grid.append(Scenario(s, "precopy", rate=Rate(0.25), tags=("sweep-large",)))
+    for opt in options:
+        o = ((opt, "auto"),)
+        precopy = [Scenario(main[0], "precopy", rate=Rate(0.25), options=o, tags=("options",))]
+        if opt == "delta":  # delta needs pages sent twice: pre-copy rounds under a hot set
+            precopy.append(Scenario(main[0], "precopy", rate=Rate(1.0), pattern="hotset", options=o, tags=("options",)))
+            grid += precopy[: 1 if profile == "quick" else 2]
+            continue
+        stopcopy = [
+            Scenario(main[0], "stopcopy", options=o, tags=("options",)),
+            Scenario(main[0], "stopcopy", fill="sparse", options=o, tags=("options",)),
+        ]
+        grid += stopcopy[:1] if profile == "quick" else stopcopy + precopy
+    # the targets need stop-and-copy of random and sparse data at the main size
+    if not any(s.mode == "stopcopy" and s.rate == Rate(0.0) and s.fill == "random" and not s.options for s in grid):
+        grid.insert(0, Scenario(main[0], "stopcopy", tags=("stopcopy-random",)))
+    grid = [s for s in grid if s.mode in modes]
+    unique: dict[Scenario, Scenario] = {}
+    for sc in grid:  # one run per scenario; a duplicate adds its tags (which targets it serves)
+        prev = unique.get(sc)
+        tags = sc.tags if prev is None else tuple(dict.fromkeys(prev.tags + sc.tags))
+        unique[sc] = dataclasses.replace(prev or sc, tags=tags)
+    return list(unique.values())
