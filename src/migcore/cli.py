@@ -41,11 +41,12 @@ from rich.table import Table
 
 import migcore
 from migcore import workload as _workload
+from migcore._trackers import TRACKERS as _TRACKER_KINDS
 
 logger = logging.getLogger("migcore.cli")
 
 MODES = ("precopy", "stopcopy", "postcopy", "hybrid")
-TRACKERS = ("auto", "hash", "writes")
+TRACKERS = ("auto", *_TRACKER_KINDS)
 ON_STALL = ("finish", "throttle", "postcopy", "cancel")
 
 # ---------------------------------------------------------------------------------------
