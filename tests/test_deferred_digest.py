@@ -79,3 +79,78 @@ def test_end_without_the_deferred_digest_is_refused(listener: migcore.Listener) 
             rx.received.wait(TIMEOUT * 2)
     finally:
         f.close()
+
+
+@pytest.mark.parametrize("receiver", ["uffd", "python"])
+def test_zero_notices_install_zero_pages_and_the_digest_still_checks(
+    listener: migcore.Listener, receiver: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A zero notice (PAGES with FLAG_ZERO, no payload) makes owed pages present as zeros, hashed as zeros."""
+    if receiver == "python":
+        from migcore._uffd_postcopy import UffdPostcopy
+
+        monkeypatch.setattr(UffdPostcopy, "attach", classmethod(lambda cls, *a: None))
+    digest = table_digest({2: b"\x04" * 4096}, NBYTES)  # page 3 is a zero page
+    rx = Receiver(listener, wait=False, timeout=TIMEOUT)
+    f = Forged(listener.address)
+    try:
+        postcopy_switch(f, [2, 3])
+        f.send(pages_frame([(3, 1)], b"", flags=P.FLAG_POSTCOPY | P.FLAG_ZERO))
+        f.send(pages_frame([(2, 1)], b"\x04" * 4096, flags=P.FLAG_POSTCOPY))
+        f.send(P.encode_header(P.Frame.END, length=16) + digest)
+        rx.join()
+        received = rx.received
+        assert received is not None
+        received.wait(TIMEOUT * 2)
+        header, _ = f.read_frame()
+        assert header is not None and header.type is P.Frame.DONE
+        assert received.stats.verified and received.missing_pages == 0
+        assert (received._uffd is None) == (receiver == "python")
+        assert bytes(received.region.view[3 * 4096 : 4 * 4096]) == bytes(4096)
+        assert bytes(received.region.view[2 * 4096 : 3 * 4096]) == b"\x04" * 4096
+        stats = received.stats
+        assert stats.zero_pages == 1 and stats.postcopy_pages == 1
+    finally:
+        f.close()
+
+
+@pytest.mark.parametrize("pattern", ["random", "alternate"])
+@pytest.mark.parametrize("receiver", ["uffd", "python"])
+def test_pure_postcopy_owes_every_page_and_sends_zero_pages_as_notices(
+    listener: migcore.Listener, receiver: str, pattern: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No zero scan in the pause: every page is owed, the zero ones go as notices, each non-zero page once.
+
+    "alternate" (every other page zero): a zero run between every two
+    non-zero pages, so each background batch mixes a zero notice with pages.
+    """
+    if receiver == "python":
+        from migcore._uffd_postcopy import UffdPostcopy
+
+        monkeypatch.setattr(UffdPostcopy, "attach", classmethod(lambda cls, *a: None))
+    nbytes = 3 * (1 << 20) + 1000  # ragged tail
+    region = migcore.Region.allocate(nbytes)
+    arr = region.array()
+    rng = np.random.default_rng(8)
+    arr[:] = rng.integers(1, 256, nbytes, dtype=np.uint8)
+    npages = region.npages
+    if pattern == "random":
+        zero = sorted(int(p) for p in rng.choice(npages, size=npages // 3, replace=False))
+    else:
+        zero = list(range(1, npages, 2))
+    zero.append(npages - 1)  # the partial last page too
+    for p in zero:
+        arr[p * 4096 : (p + 1) * 4096] = 0
+    zero = sorted(set(zero))
+    expected = bytes(region.view)
+    rx = Receiver(listener, wait=True, timeout=TIMEOUT)
+    stats = migcore.migrate(region, listener.address, mode="postcopy", state=b"s", timeout=TIMEOUT)
+    rx.join()
+    assert rx.error is None, rx.error
+    received = rx.received
+    assert received is not None and (received._uffd is None) == (receiver == "python")
+    assert bytes(received.region.view) == expected
+    assert stats.verified and received.stats.verified
+    assert stats.zero_pages == len(zero) and received.stats.zero_pages == len(zero)
+    assert stats.postcopy_pages == npages - len(zero) == received.stats.postcopy_pages
+    assert list(stats.pages_per_round) == [npages]  # every page owed at the switch, nothing scanned

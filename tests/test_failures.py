@@ -287,8 +287,14 @@ def postcopy_switch(f: Forged, owed_pages: list[int]) -> None:
         (pages_frame([(2, 1)], b"\x03" * 4096, flags=P.FLAG_POSTCOPY), "not owed"),  # a second copy
         (pages_frame([(3, 1)], b"\x03" * 4096), "flags"),
         (P.encode_header(P.Frame.END), "still owed"),
+        (pages_frame([(5, 1)], b"", flags=P.FLAG_POSTCOPY | P.FLAG_ZERO), "not owed"),
+        (pages_frame([(2, 1)], b"", flags=P.FLAG_POSTCOPY | P.FLAG_ZERO), "not owed"),  # already present
+        (pages_frame([(3, 1)], bytes(4096), flags=P.FLAG_POSTCOPY | P.FLAG_ZERO), "zero notice with a"),
+        (pages_frame([(3, 1)], b"", flags=P.FLAG_ZERO), "flags"),
+        (pages_frame([(3, 1)], b"", flags=P.FLAG_POSTCOPY | P.FLAG_ZERO | P.FLAG_COMPRESSED), "flags"),
     ],
-    ids=["second-complete", "second-postcopy", "page-not-owed", "page-twice", "precopy-flags", "early-end"],
+    ids=["second-complete", "second-postcopy", "page-not-owed", "page-twice", "precopy-flags", "early-end",
+         "zero-not-owed", "zero-twice", "zero-with-payload", "zero-without-postcopy", "zero-compressed"],
 )
 def test_bad_frames_after_the_postcopy_switch(after_switch: bytes, pattern: str) -> None:
     with migcore.listen("tcp://127.0.0.1:0", timeout=TIMEOUT) as listener:

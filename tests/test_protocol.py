@@ -184,3 +184,15 @@ def test_table_digest_changes_with_any_page() -> None:
     assert len(d) == P.DIGEST_SIZE and d == P.table_digest(t.copy())
     t[57] ^= U64(1)
     assert P.table_digest(t) != d
+
+
+def test_zero_notice_flag_is_a_distinct_pages_flag_and_carries_no_payload() -> None:
+    flags = (P.FLAG_POSTCOPY, P.FLAG_COMPRESSED, P.FLAG_DELTA, P.FLAG_ZERO)
+    assert len(set(flags)) == 4 and all(f & (f - 1) == 0 for f in flags)
+    assert P.PAGES_FLAGS == P.FLAG_POSTCOPY | P.FLAG_COMPRESSED | P.FLAG_DELTA | P.FLAG_ZERO
+    runs = np.array([[3, 2], [9, 1]], dtype=np.uint64)
+    raw = P.encode_runs_header(P.Frame.PAGES, runs, 0, flags=P.FLAG_POSTCOPY | P.FLAG_ZERO)
+    h = P.decode_header(raw[: P.HEADER_SIZE])
+    assert (h.type, h.flags, h.count, h.length) == (P.Frame.PAGES, P.FLAG_POSTCOPY | P.FLAG_ZERO, 2, 0)
+    assert len(raw) == P.HEADER_SIZE + 2 * P.RUN_SIZE
+    assert np.array_equal(P.decode_runs(raw[P.HEADER_SIZE :], 2), runs)

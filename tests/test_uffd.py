@@ -193,5 +193,6 @@ def test_the_fault_loop_uses_the_protocol_constants() -> None:
         pytest.skip("the .pyx is not installed (a wheel)")
     src = pyx.read_text()
     for name, value in (("_HEADER_SIZE", P.HEADER_SIZE), ("_RUN_SIZE", P.RUN_SIZE), ("_FRAME_PAGES", int(P.Frame.PAGES)),
-                        ("_FRAME_DEMAND", int(P.Frame.DEMAND)), ("_FLAG_POSTCOPY", P.FLAG_POSTCOPY)):
+                        ("_FRAME_DEMAND", int(P.Frame.DEMAND)), ("_FLAG_POSTCOPY", P.FLAG_POSTCOPY),
+                        ("_FLAG_ZERO", P.FLAG_ZERO)):
         assert f"    {name} = {value}\n" in src, name

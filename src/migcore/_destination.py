@@ -41,6 +41,10 @@ from migcore._uffd_postcopy import UffdPostcopy
 
 log = logging.getLogger("migcore")
 
+#: Receive buffer of the page connection after a post-copy switch (the kernel doubles it): a demanded
+#: page queues behind at most this much background data on the destination's side.
+POSTCOPY_RCVBUF = 512 << 10
+
 U64 = NDArray[np.uint64]
 
 
@@ -133,6 +137,7 @@ class Destination:
         self.table: U64 | None = None
         self.hello: P.Hello | None = None
         self.stats = StatsRecorder(mode="", tracker="", migration_id="", page_size=0, total_bytes=0)
+        self._zero_scratch: NDArray[np.uint64] | None = None
 
     # -- frames ------------------------------------------------------------
 
@@ -266,8 +271,13 @@ class Destination:
         conn = self.conn if conn is None else conn
         hello = self.hello
         encoded = header.flags & (P.FLAG_COMPRESSED | P.FLAG_DELTA)
+        zero = bool(header.flags & P.FLAG_ZERO)
         if header.flags & ~P.PAGES_FLAGS or header.flags & P.FLAG_POSTCOPY != (P.FLAG_POSTCOPY if postcopy else 0):
             raise ProtocolError(f"PAGES frame flags {header.flags:#x} are wrong for this phase")
+        if zero and (encoded or not postcopy):
+            raise ProtocolError(f"PAGES frame flags {header.flags:#x}: a zero notice is a plain post-copy frame")
+        if zero and header.length:
+            raise ProtocolError(f"zero notice with a {header.length}-byte payload (it has none)")
         if header.flags & P.FLAG_COMPRESSED and self.codec is None:
             raise ProtocolError("compressed PAGES in a migration that agreed on no codec")
         if header.flags & P.FLAG_DELTA and not (hello is not None and hello.features & P.FEATURE_DELTA):
@@ -279,6 +289,11 @@ class Destination:
         runs = P.decode_runs(conn.recv_exact(header.count * P.RUN_SIZE, "reading a runs table"), header.count)
         pages = P.validate_runs(runs, region.npages, after=after)
         payload = P.runs_payload(runs, region.page_size, region.nbytes)
+        if zero:
+            if postcopy:
+                self.check_owed(runs)
+            self.receive_zero(runs, pages)
+            return runs
         if payload != header.length and not encoded:
             raise ProtocolError(
                 f"PAGES header announces {header.length} payload bytes but its {pages} pages hold {payload}"
@@ -294,6 +309,27 @@ class Destination:
             pages, payload, P.HEADER_SIZE + len(runs) * P.RUN_SIZE + header.length, postcopy=postcopy
         )
         return runs
+
+    def receive_zero(self, runs: NDArray[np.uint64], pages: int) -> None:
+        """A zero notice (validated and owed): its pages read as zeros, and their hashes are the zero hash.
+
+        A fresh region already holds zeros there (a read maps the shared zero
+        page, nothing is allocated); a page that does not is cleared.
+        """
+        assert self.region is not None and self.table is not None
+        region = self.region
+        ps = region.page_size
+        scratch = new_bitmap(region.npages) if self._zero_scratch is None else self._zero_scratch
+        self._zero_scratch = scratch
+        for first, count in runs.tolist():
+            if _kernels.zero_pages(region.view, ps, scratch, first, first + count) != count:
+                start = first * ps
+                stop = min((first + count) * ps, region.nbytes)
+                region.view[start:stop] = bytes(stop - start)
+        _kernels.hash_runs(region.view, ps, runs, self.table)
+        with self.stats.lock:
+            self.stats.zero_pages += pages
+        self.stats.add_wire(P.HEADER_SIZE + len(runs) * P.RUN_SIZE)
 
     def receive_encoded(self, header: P.Header, runs: NDArray[np.uint64], pages: int, payload: int, conn: Connection) -> None:
         """A compressed and/or delta-encoded batch: bounded by what its runs table implies, then decoded."""
@@ -505,6 +541,8 @@ class Received:
         dest.check_owed = self._check_owed  # type: ignore[method-assign]
         # with userfaultfd, any touch of an owed page fetches it: the program needs no ensure()
         self._uffd = UffdPostcopy.attach(self.region, owed, dest.conn)
+        # demand latency: a small receive window keeps few background pages queued ahead of a demanded one
+        dest.conn.bound_queue(recv=POSTCOPY_RCVBUF)
         dest.conn.send_all(P.encode_header(P.Frame.SWITCHED), "sending SWITCHED")
         with self._stats.lock:
             self._stats.status = "postcopy-active"

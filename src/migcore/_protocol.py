@@ -52,7 +52,8 @@ from migcore._errors import CompatibilityError, ProtocolError
 
 MAGIC = b"MIGC"
 #: 2: token authentication, streams and codec in HELLO, compressed and delta PAGES.
-PROTOCOL_VERSION = 2
+#: 3: post-copy zero notices (PAGES with FLAG_ZERO).
+PROTOCOL_VERSION = 3
 
 HEADER = struct.Struct("<BBHIQ")
 HEADER_SIZE = HEADER.size  # 16
@@ -86,8 +87,11 @@ FLAG_POSTCOPY = 1
 FLAG_COMPRESSED = 2
 #: PAGES flag: the (decoded) payload is a delta batch (see ``delta_encode_runs``).
 FLAG_DELTA = 4
+#: PAGES flag (post-copy only, with FLAG_POSTCOPY): a zero notice. The runs table lists owed pages
+#: that are all zero; no payload follows (length 0). The destination marks them present as zero pages.
+FLAG_ZERO = 8
 #: Every PAGES flag.
-PAGES_FLAGS = FLAG_POSTCOPY | FLAG_COMPRESSED | FLAG_DELTA
+PAGES_FLAGS = FLAG_POSTCOPY | FLAG_COMPRESSED | FLAG_DELTA | FLAG_ZERO
 
 #: Compression codecs by their number in HELLO.
 CODECS: tuple[str | None, ...] = (None, "zstd", "lz4")

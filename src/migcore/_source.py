@@ -34,7 +34,7 @@ from migcore._errors import (
     PeerLostError,
     ProtocolError,
 )
-from migcore._region import Region, new_bitmap, runs_in
+from migcore._region import Region, count_bits_in, new_bitmap, runs_in
 from migcore._security import authenticate_source
 from migcore._stats import MigrationStats, StatsRecorder
 from migcore._trackers import HashTracker, Tracker, hash_delta_parallel, make_tracker, runs_to_pages, zero_page_hashes
@@ -49,6 +49,12 @@ U64 = NDArray[np.uint64]
 BATCH_BYTES = 8 << 20
 #: Smaller batches after a post-copy switch, so a demand waits behind less background data.
 POSTCOPY_BATCH_BYTES = 256 << 10
+#: Pure post-copy: the background push takes its batches from a window of this many batch sizes of
+#: owed pages, cut at one batch of non-zero pages (the zero pages in it go as zero notices).
+ZERO_WINDOW = 16
+#: Send buffer of the page connection after a post-copy switch: background pages queued in the
+#: kernel cannot be overtaken by a demanded one, so keep only a few batches in flight.
+POSTCOPY_SNDBUF = 2 * POSTCOPY_BATCH_BYTES
 #: Most runs the source puts in one frame.
 BATCH_RUNS = 256
 #: Rounds without the dirty set shrinking before the migration counts as stalled.
@@ -62,6 +68,14 @@ THROTTLE_INCREMENT = 10
 THROTTLE_MAX = 99
 
 ON_STALL = ("finish", "postcopy", "throttle", "cancel")
+
+
+def pages_to_runs(pages: NDArray[np.intp]) -> U64:
+    """Runs ``(first, count)`` of an ascending array of distinct page indices."""
+    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [len(pages)]))
+    return np.stack((pages[starts], ends - starts), axis=1).astype(np.uint64)
 
 
 def zero_pages_parallel(region: Region, zeros: U64, threads: int) -> int:
@@ -145,6 +159,8 @@ class Source:
         self.postcopy_bucket = TokenBucket(opts.postcopy_bandwidth_limit) if opts.postcopy_bandwidth_limit else None
         self.senders: StreamSenders | None = None
         self.rounds_sent = 0
+        #: pure post-copy: the background zero scan has reached this page
+        self.scanned = 0
         self.stats.streams = opts.streams
         self.stats.compress = opts.compress or ""
 
@@ -405,6 +421,81 @@ class Source:
             self.stats.remaining_bytes = count * region.page_size
         return dirty, zero_page_hashes(region), count
 
+    def all_pages(self) -> tuple[U64, int]:
+        """During the pause of a pure post-copy: every page is owed, nothing is read.
+
+        The zero pages among them are found batch by batch during the push
+        and announced with zero notices; the hash table (zero-page hashes,
+        built after the switch) takes each pushed page's hash as it goes out,
+        and END carries its digest.
+        """
+        region = self.region
+        owed = new_bitmap(region.npages)
+        _kernels.set_bits(owed, 0, region.npages)
+        with self.stats.lock:
+            self.stats.rounds += 1
+            self.stats.pages_per_round.append(region.npages)
+            self.stats.remaining_bytes = region.nbytes
+        return owed, region.npages
+
+    def split_zero(self, runs: U64, zeros: U64, *, scan: bool = True) -> tuple[U64, U64]:
+        """``runs`` split into the runs of non-zero pages and the runs of all-zero pages.
+
+        ``zeros`` holds a bit per page (1: all zero); with ``scan`` the pages
+        of ``runs`` are scanned into it first, otherwise they already were
+        (the region is frozen after the pause, so a scan stays true).
+        """
+        region = self.region
+        empty = np.empty((0, 2), dtype=np.uint64)
+        if scan:
+            for first, n in runs.tolist():
+                _kernels.zero_pages(region.view, region.page_size, zeros, first, first + n)
+        pages = runs_to_pages(runs)
+        is_zero = ((zeros[pages >> 6] >> (pages & 63).astype(np.uint64)) & np.uint64(1)).astype(bool)
+        nzero = int(is_zero.sum())
+        if nzero == 0:
+            return runs, empty
+        if nzero == len(pages):
+            return empty, runs
+        return pages_to_runs(pages[~is_zero]), pages_to_runs(pages[is_zero])
+
+    def cut_window(self, runs: U64, cursor: int, zeros: U64, cap: int) -> tuple[U64, int, bool]:
+        """The leading part of a window of owed ``runs`` holding at most ``cap`` bytes of non-zero pages.
+
+        Scans the window's pages past ``self.scanned`` into ``zeros`` (each
+        page once: the background cursor only moves forward). Returns the runs
+        to send, the cursor after them and whether any of their pages is zero.
+        """
+        region = self.region
+        ps = region.page_size
+        for first, n in runs.tolist():
+            lo, hi = max(first, self.scanned), first + n
+            if lo < hi:
+                _kernels.zero_pages(region.view, ps, zeros, lo, hi)
+            self.scanned = max(self.scanned, hi)
+        cap_pages = max(1, cap // ps)
+        rows = runs.tolist()
+        if not any(count_bits_in(zeros, first, first + n) for first, n in rows):  # no zero page: cut at cap
+            taken: list[tuple[int, int]] = []
+            total = 0
+            for first, n in rows:
+                k = min(n, cap_pages - total)
+                taken.append((first, k))
+                total += k
+                if total == cap_pages:
+                    break
+            if total == int(runs[:, 1].sum()):
+                return runs, cursor, False
+            last_first, last_n = taken[-1]
+            return np.array(taken, dtype=np.uint64).reshape(-1, 2), last_first + last_n, False
+        pages = runs_to_pages(runs)
+        is_zero = ((zeros[pages >> 6] >> (pages & 63).astype(np.uint64)) & np.uint64(1)).astype(bool)
+        data = np.cumsum(~is_zero)
+        cut = max(1, int(np.searchsorted(data, cap_pages, side="right")))
+        if cut >= len(pages):
+            return runs, cursor, True
+        return pages_to_runs(pages[:cut]), int(pages[cut - 1]) + 1, True
+
     # -- the whole run -------------------------------------------------------
 
     def run(self) -> MigrationStats:
@@ -568,18 +659,23 @@ class Source:
         self.do_pause()
         # nothing sent yet (stop-and-copy, pure post-copy): hash each page as it goes, not all at the pause
         lazy = table = None
-        if first:
+        deferred = first and postcopy
+        if deferred:
+            # pure post-copy: owe every page, find the zero ones lazily as the push reaches them (the
+            # pause does not scan the region, so the downtime does not grow with it)
+            dirty, count = self.all_pages()
+        elif first:
             dirty, lazy, count = self.nonzero_pass()
             self.stats.zero_pages = self.region.npages - count
         else:
             dirty, table, count = self.final_pass(baseline)
         if not postcopy:
             self.send_bitmap(dirty, phase="stop-and-copy", hash_into=lazy)
-        if lazy is None:
+        if deferred:  # a digest of zeros: "the digest comes with END", once every owed page was hashed
+            digest = bytes(P.DIGEST_SIZE)
+        elif lazy is None:
             assert table is not None
             digest = P.table_digest(table)
-        elif postcopy:  # a digest of zeros: "the digest comes with END", once every owed page was hashed
-            digest = bytes(P.DIGEST_SIZE)
         else:
             digest = P.table_digest(lazy)
         if self.senders is not None:
@@ -597,7 +693,11 @@ class Source:
         self.send_frame(P.encode_postcopy(digest, dirty), "sending POSTCOPY")
         self.await_switch(P.Frame.SWITCHED, "waiting for the destination to switch to post-copy")
         self.stats.downtime = time.monotonic() - (self.paused_at or time.monotonic())
-        self.postcopy_service(dirty, count, hash_into=lazy)
+        if deferred:  # after the switch, not in the pause: the table of a zero region, hashed into as pages go
+            lazy = zero_page_hashes(self.region)
+        # zero notices only where nothing was sent before the switch; hybrid keeps its final pass (the
+        # owed pages are the dirty ones, and a page that became zero is sent as a page like any other)
+        self.postcopy_service(dirty, count, hash_into=lazy, zero_notices=deferred)
         self.finish_ok()
 
     def await_switch(self, frame: P.Frame, what: str) -> None:
@@ -635,8 +735,15 @@ class Source:
 
     # -- post-copy ---------------------------------------------------------------
 
-    def postcopy_service(self, owed: U64, count: int, hash_into: U64 | None = None) -> None:
-        """Push every owed page exactly once; demanded runs jump the queue."""
+    def postcopy_service(
+        self, owed: U64, count: int, hash_into: U64 | None = None, *, zero_notices: bool = False
+    ) -> None:
+        """Push every owed page exactly once; demanded runs jump the queue.
+
+        With ``zero_notices`` (pure post-copy: every page owed), the all-zero
+        pages of each batch go as a zero notice (PAGES with FLAG_ZERO, no
+        payload) instead of their bytes.
+        """
         region = self.region
         ps = region.page_size
         npages = region.npages
@@ -647,6 +754,8 @@ class Source:
             self.stats.status = "postcopy-active"
             self.stats.remaining_bytes = count * ps
         self.report(force=True)
+        # demand latency: bound what the kernel holds ahead of a demanded page (the destination bounds its side)
+        self.conn.bound_queue(send=POSTCOPY_SNDBUF)
         demands: collections.deque[tuple[int, int]] = collections.deque()
         done = threading.Event()
         errors: list[BaseException] = []
@@ -679,26 +788,39 @@ class Source:
             remaining = count
             cursor = 0
             cap = self.batch_cap(postcopy=True)
-            max_run = max(1, cap // ps)
             out = np.empty((BATCH_RUNS, 2), dtype=np.uint64)
+            zeros = new_bitmap(npages) if zero_notices else None
+            # background pages are taken from a window of owed pages (wider with zero notices: a zero page
+            # adds no payload); ``scanned``: the background zero scan reached this page
+            window = cap * ZERO_WINDOW if zero_notices else cap
+            self.scanned = 0
             while remaining:
                 if errors:
                     raise errors[0]
                 runs = self.next_demanded(demands, owed, out, cap)
                 demanded = runs is not None
+                has_zero = demanded  # a demanded batch is scanned below
                 if runs is None:
-                    nruns, resume = _kernels.dirty_runs(owed, npages, out, cursor, max_run)
+                    nruns, resume = _kernels.dirty_runs(owed, npages, out, cursor, max(1, window // ps))
                     if nruns == 0:
                         raise AssertionError("owed pages vanished from the owed bitmap")
                     runs = out[:nruns]
                     sizes = np.cumsum(runs[:, 1].astype(np.int64)) * ps
-                    keep = max(1, int(np.searchsorted(sizes, cap, side="right")))
+                    keep = max(1, int(np.searchsorted(sizes, window, side="right")))
                     runs = runs[:keep].copy()
                     cursor = int(runs[-1, 0] + runs[-1, 1]) if keep < nruns else resume
+                    if zeros is not None:  # the window's zero pages cost no payload: cut it at ``cap`` of data
+                        runs, cursor, has_zero = self.cut_window(runs, cursor, zeros, cap)
                 # exactly once: a page leaves the owed bitmap before its bytes go out
                 for first, n in runs.tolist():
                     _kernels.clear_bits(owed, first, first + n)
                 remaining -= int(runs[:, 1].sum())
+                if zeros is not None and has_zero:
+                    runs, zero_runs = self.split_zero(runs, zeros, scan=demanded)
+                    if len(zero_runs):
+                        self.send_zero_notice(zero_runs)
+                    if not len(runs):
+                        continue
                 # demand pages are never held back; the background push obeys postcopy_bandwidth_limit
                 bucket = None if demanded else self.postcopy_bucket
                 if hash_into is not None:  # the final hash of a frozen page, taken as it goes out
@@ -727,6 +849,20 @@ class Source:
         finally:
             self.conn.close()
             thread.join()
+
+    def send_zero_notice(self, runs: U64) -> None:
+        """PAGES frames with FLAG_ZERO: these owed pages are all zero (their hashes are already the zero hash)."""
+        assert self.accept is not None
+        pages = int(runs[:, 1].sum())
+        step = max(1, min(BATCH_RUNS, self.accept.max_runs))
+        for i in range(0, len(runs), step):
+            part = runs[i : i + step]
+            header = P.encode_runs_header(P.Frame.PAGES, part, 0, flags=P.FLAG_POSTCOPY | P.FLAG_ZERO)
+            self.send_frame(header, "sending a zero notice (post-copy)")
+        payload = P.runs_payload(runs, self.region.page_size, self.region.nbytes)
+        with self.stats.lock:
+            self.stats.zero_pages += pages
+            self.stats.remaining_bytes = max(0, self.stats.remaining_bytes - payload)
 
     def next_demanded(self, demands: collections.deque[tuple[int, int]], owed: U64, out: U64, cap: int) -> U64 | None:
         """The next batch of still-owed pages inside the oldest demanded range, or None."""

@@ -204,6 +204,20 @@ class Connection:
             if k == 0:  # nothing moved and no error: wait rather than spin
                 self._wait(select.POLLOUT, what)
 
+    def bound_queue(self, *, send: int = 0, recv: int = 0) -> None:
+        """Best effort: cap the kernel's send and/or receive buffer of this connection (0 leaves one alone).
+
+        Post-copy uses this so the background push never queues more than a
+        few batches ahead of a demanded page: bytes already in the socket
+        buffers cannot be overtaken.
+        """
+        for opt, size in ((socket.SO_SNDBUF, send), (socket.SO_RCVBUF, recv)):
+            if size > 0:
+                try:
+                    self.sock.setsockopt(socket.SOL_SOCKET, opt, size)
+                except (OSError, ValueError):
+                    pass
+
     # -- closing -----------------------------------------------------------
 
     def close(self) -> None:

@@ -39,6 +39,7 @@ INFO_HEADER: int
 INFO_DETAIL: int
 INFO_WHERE: int
 INFO_READY: int
+INFO_ZERO: int
 INFO_SIZE: int
 
 PROTOCOL_DETAILS: dict[int, str]

@@ -68,6 +68,8 @@ cdef extern from *:
     /* UFFDIO_WRITEPROTECT: Linux 5.7. */
     #define MIG_UFFDIO_WRITEPROTECT _IOWR(0xAA, 0x06, struct mig_uffdio_writeprotect)
     #define MIG_UFFDIO_REGISTER_MODE_MISSING ((uint64_t)1 << 0)    /* Linux 4.3 */
+    #define MIG_UFFDIO_COPY_MODE_DONTWAKE ((uint64_t)1 << 0)       /* Linux 4.3 */
+    #define MIG_UFFDIO_ZEROPAGE_MODE_DONTWAKE ((uint64_t)1 << 0)   /* Linux 4.3 */
     #define MIG_UFFDIO_REGISTER_MODE_WP ((uint64_t)1 << 1)         /* Linux 5.7 */
     #define MIG_UFFDIO_WRITEPROTECT_MODE_WP ((uint64_t)1 << 0)     /* Linux 5.7 */
     #define MIG_UFFD_EVENT_PAGEFAULT 0x12                          /* Linux 4.3 */
@@ -155,6 +157,8 @@ cdef extern from *:
     const unsigned long MIG_UFFDIO_REGISTER
     const unsigned long MIG_UFFDIO_UNREGISTER
     const unsigned long MIG_UFFDIO_WAKE
+    const uint64_t MIG_UFFDIO_COPY_MODE_DONTWAKE
+    const uint64_t MIG_UFFDIO_ZEROPAGE_MODE_DONTWAKE
     const unsigned long MIG_UFFDIO_COPY
     const unsigned long MIG_UFFDIO_ZEROPAGE
     const unsigned long MIG_UFFDIO_WRITEPROTECT
@@ -215,6 +219,7 @@ cdef enum:
     _INFO_DETAIL = 8
     _INFO_WHERE = 9
     _INFO_READY = 10
+    _INFO_ZERO = 11
     _INFO_SIZE = 12
     _SYSTEM_PAGE = 4096
 
@@ -245,15 +250,18 @@ INFO_HEADER = _INFO_HEADER  # two words: the 16-byte header of the frame that st
 INFO_DETAIL = _INFO_DETAIL
 INFO_WHERE = _INFO_WHERE
 INFO_READY = _INFO_READY  # set to 1 once the loop runs without the GIL
+INFO_ZERO = _INFO_ZERO  # pages installed from zero notices
 INFO_SIZE = _INFO_SIZE
 
-# protocol constants the loop needs: they must match _protocol (HEADER, RUN_SIZE, Frame.PAGES/DEMAND, FLAG_POSTCOPY)
+# protocol constants the loop needs: they must match _protocol (HEADER, RUN_SIZE, Frame.PAGES/DEMAND, FLAG_POSTCOPY,
+# FLAG_ZERO)
 cdef enum:
     _HEADER_SIZE = 16
     _RUN_SIZE = 16
     _FRAME_PAGES = 4
     _FRAME_DEMAND = 12
     _FLAG_POSTCOPY = 1
+    _FLAG_ZERO = 8
     _SCAN_VEC = 512
     _MSG_BATCH = 64
 
@@ -265,6 +273,7 @@ PROTOCOL_DETAILS = {
     4: "a run lies outside the region or out of order",
     5: "a post-copy page was not owed (or arrived twice)",
     6: "PAGES header length disagrees with its runs",
+    7: "zero notice with a payload",
 }
 #: Where _SERVE_OS happened, in ``info[_INFO_WHERE]``.
 OS_WHERE = {1: "poll", 2: "recv", 3: "send", 4: "reading faults", 5: "UFFDIO_COPY", 6: "UFFDIO_ZEROPAGE",
@@ -492,6 +501,8 @@ cdef struct _Serve:
     uint8_t *payload        # its payload (+ one page of zero padding)
     uint8_t header[16]
     int where
+    uint64_t zero_hash      # XXH3 of an all-zero page
+    uint64_t tail_hash      # ... of the all-zero partial last page
 
 
 cdef int _send_all(_Serve *s, const uint8_t *data, uint64_t n, double timeout) noexcept nogil:
@@ -618,7 +629,7 @@ cdef int _serve_faults(_Serve *s, double timeout) noexcept nogil:
                 return _SERVE_OS
 
 
-cdef int _check_runs(_Serve *s, uint64_t count, uint64_t length) noexcept nogil:
+cdef int _check_runs(_Serve *s, uint64_t count, uint64_t length, bint zero) noexcept nogil:
     """Validate a PAGES runs table before any page byte is read: in range, ascending, owed, consistent."""
     cdef const uint64_t *rows = <const uint64_t *>s.runs
     cdef uint64_t i, p, first, n, prev_end = 0, pages = 0, payload
@@ -637,9 +648,65 @@ cdef int _check_runs(_Serve *s, uint64_t count, uint64_t length) noexcept nogil:
     payload = pages * s.page_size
     if prev_end == s.npages:
         payload -= s.npages * s.page_size - s.nbytes
+    if zero:  # a zero notice carries no payload (checked with its header)
+        return 0
     if payload != length:
         s.info[_INFO_DETAIL] = 6
         return _SERVE_PROTOCOL
+    return 0
+
+
+cdef int _wake(_Serve *s, uint64_t start, uint64_t length) noexcept nogil:
+    """UFFDIO_WAKE the threads blocked on ``[start, start + length)``."""
+    cdef mig_uffdio_range rng
+    rng.start = start
+    rng.len = length
+    while mig_ioctl(s.uffd, MIG_UFFDIO_WAKE, &rng) < 0:
+        if errno == EINTR:
+            continue
+        s.info[_INFO_ERRNO] = errno
+        s.where = 8
+        return _SERVE_OS
+    return 0
+
+
+cdef int _install_zero(_Serve *s, uint64_t count) noexcept nogil:
+    """Install every page of a validated zero notice with UFFDIO_ZEROPAGE, then mark it present."""
+    cdef const uint64_t *rows = <const uint64_t *>s.runs
+    cdef uint64_t i, p, first, n, span, done
+    cdef uint64_t ps = s.page_size
+    cdef int rc
+    cdef mig_uffdio_zeropage zp
+    for i in range(count):
+        first = rows[2 * i]
+        n = rows[2 * i + 1]
+        for p in range(first, first + n):
+            s.table[p] = s.zero_hash if (p + 1) * ps <= s.nbytes else s.tail_hash
+        span = n * ps
+        if first * ps + span > s.limit:
+            span = s.limit - first * ps
+        done = 0
+        while done < span:
+            zp.range.start = s.addr + first * ps + done
+            zp.range.len = span - done
+            zp.mode = MIG_UFFDIO_ZEROPAGE_MODE_DONTWAKE  # woken below, once the owed bits are clear
+            zp.zeropage = 0
+            if mig_ioctl(s.uffd, MIG_UFFDIO_ZEROPAGE, &zp) < 0:
+                if zp.zeropage > 0:
+                    done += <uint64_t>zp.zeropage
+                if errno == EAGAIN or errno == EINTR:
+                    continue
+                s.info[_INFO_ERRNO] = errno
+                s.where = 6
+                return _SERVE_OS
+            done += <uint64_t>zp.zeropage
+        for p in range(first, first + n):
+            s.owed[p >> 6] &= ~((<uint64_t>1) << (p & 63))
+        rc = _wake(s, s.addr + first * ps, span)
+        if rc:
+            return rc
+        s.info[_INFO_REMAINING] -= n
+        s.info[_INFO_ZERO] += n
     return 0
 
 
@@ -648,6 +715,7 @@ cdef int _install(_Serve *s, uint64_t count, uint64_t length) noexcept nogil:
     cdef const uint64_t *rows = <const uint64_t *>s.runs
     cdef uint64_t i, p, first, n, off = 0, nb, span, done
     cdef uint64_t ps = s.page_size
+    cdef int rc
     cdef mig_uffdio_copy cp
     # zero padding after a partial last page, up to the next system page
     memset(s.payload + length, 0, ps)
@@ -665,7 +733,7 @@ cdef int _install(_Serve *s, uint64_t count, uint64_t length) noexcept nogil:
             cp.dst = s.addr + first * ps + done
             cp.src = <uint64_t>(s.payload + off + done)
             cp.len = span - done
-            cp.mode = 0
+            cp.mode = MIG_UFFDIO_COPY_MODE_DONTWAKE  # woken below, once the owed bits are clear
             cp.copy = 0
             if mig_ioctl(s.uffd, MIG_UFFDIO_COPY, &cp) < 0:
                 if cp.copy > 0:
@@ -679,6 +747,11 @@ cdef int _install(_Serve *s, uint64_t count, uint64_t length) noexcept nogil:
         # present: clear the owed bits only now, so no fault sees a page that is not there yet
         for p in range(first, first + n):
             s.owed[p >> 6] &= ~((<uint64_t>1) << (p & 63))
+        # then wake the threads that faulted on these pages: whoever wakes sees them no longer owed
+        # (a thread woken before the bits cleared took them for missing after a lost link)
+        rc = _wake(s, s.addr + first * ps, span)
+        if rc:
+            return rc
         s.info[_INFO_REMAINING] -= n
         s.info[_INFO_PAGES] += n
         off += n * ps
@@ -691,6 +764,7 @@ cdef int _serve_loop(_Serve *s, double timeout) noexcept nogil:
     cdef int nfds, rc, i
     cdef uint64_t want, got = 0, count = 0, length = 0
     cdef int section = 0   # 0 header, 1 runs table, 2 payload
+    cdef bint zero = False
     cdef uint8_t *dst = s.header
     cdef ssize_t k
     cdef double last = mig_now()
@@ -766,8 +840,12 @@ cdef int _serve_loop(_Serve *s, double timeout) noexcept nogil:
                 return 0
             count = (<uint32_t *>(s.header + 4))[0]
             length = (<uint64_t *>(s.header + 8))[0]
-            if s.header[1] != _FLAG_POSTCOPY or s.header[2] or s.header[3]:
+            if (s.header[1] != _FLAG_POSTCOPY and s.header[1] != _FLAG_POSTCOPY | _FLAG_ZERO) or s.header[2] or s.header[3]:
                 s.info[_INFO_DETAIL] = 1
+                return _SERVE_PROTOCOL
+            zero = s.header[1] == _FLAG_POSTCOPY | _FLAG_ZERO
+            if zero and length:
+                s.info[_INFO_DETAIL] = 7
                 return _SERVE_PROTOCOL
             if count == 0 or count > s.max_runs:
                 s.info[_INFO_DETAIL] = 2
@@ -779,9 +857,17 @@ cdef int _serve_loop(_Serve *s, double timeout) noexcept nogil:
             dst = s.runs
             want = count * _RUN_SIZE
         elif section == 1:
-            rc = _check_runs(s, count, length)
+            rc = _check_runs(s, count, length, zero)
             if rc:
                 return rc
+            if zero:
+                rc = _install_zero(s, count)
+                if rc:
+                    return rc
+                section = 0
+                dst = s.header
+                want = _HEADER_SIZE
+                continue
             section = 2
             dst = s.payload
             want = length
@@ -851,6 +937,10 @@ def serve_postcopy(
         s.frame = <uint8_t *>malloc(_HEADER_SIZE + max_runs * _RUN_SIZE)
         s.runs = <uint8_t *>malloc(max_runs * _RUN_SIZE)
         s.payload = <uint8_t *>malloc(max_payload + page_size)
+        if s.payload:  # the hashes of a zero page and of the zero partial last page, for zero notices
+            memset(s.payload, 0, page_size)
+            s.zero_hash = XXH3_64bits(s.payload, page_size)
+            s.tail_hash = XXH3_64bits(s.payload, nbytes - (npages - 1) * page_size)
         if not (s.demanded and s.pending and s.frame and s.runs and s.payload):
             s.where = 9
             rc = _SERVE_OS

@@ -6,7 +6,9 @@ dropped (so each one faults). ``migcore._uffd.serve_postcopy`` then runs on
 the receive thread without the GIL: a fault on an owed page becomes a DEMAND
 frame, a fault on a page the source never sent (a zero page) gets the zero
 page, and every arriving page is hashed and installed with ``UFFDIO_COPY``
-from a receive buffer, exactly once. When the loop stops (END, an error, a
+from a receive buffer, exactly once (the pages of a zero notice with
+``UFFDIO_ZEROPAGE``, after the same checks). A faulting thread is woken only
+once its pages are marked present. When the loop stops (END, an error, a
 lost link) it has already unregistered the region, so no thread stays
 blocked: after a failure, pages still owed read as zeros (``missing_pages``
 and ``wait()`` say so).
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import NDArray
 
+from migcore import _kernels
 from migcore import _protocol as P
 from migcore import _userfault
 from migcore._errors import MigrationError, MigrationTimeout, PeerLostError, ProtocolError
@@ -49,7 +52,7 @@ class UffdPostcopy:
         self.uffd = _userfault.module()
         self.addr, self.length = _userfault.span(region)
         self.info = np.zeros(self.uffd.INFO_SIZE, dtype=np.uint64)
-        self.info[self.uffd.INFO_REMAINING] = int(np.unpackbits(owed.view(np.uint8)).sum())
+        self.info[self.uffd.INFO_REMAINING] = int(_kernels.count_bits(owed))
         self.fd = -1
         self.wake_r = self.wake_w = -1
 
@@ -137,6 +140,7 @@ class UffdPostcopy:
         dest.stats.add_pages(pages, payload, wire, postcopy=True)
         with dest.stats.lock:
             dest.stats.postcopy_requests += int(info[uffd.INFO_DEMANDS])
+            dest.stats.zero_pages += int(info[uffd.INFO_ZERO])
             dest.stats.remaining_bytes = self.remaining * self.region.page_size
 
     def error(self, rc: int) -> MigrationError:
