@@ -37,7 +37,7 @@ from migcore._errors import (
 from migcore._region import Region, count_bits_in, new_bitmap, runs_in
 from migcore._security import authenticate_source
 from migcore._stats import MigrationStats, StatsRecorder
-from migcore._trackers import HashTracker, Tracker, hash_delta_parallel, make_tracker, runs_to_pages, zero_page_hashes
+from migcore._trackers import HashTracker, Tracker, hash_delta_parallel, zero_pages_parallel, make_tracker, runs_to_pages, zero_page_hashes
 from migcore._streams import StreamSenders, open_streams
 from migcore._transport import Connection
 
@@ -76,28 +76,6 @@ def pages_to_runs(pages: NDArray[np.intp]) -> U64:
     starts = np.concatenate(([0], breaks))
     ends = np.concatenate((breaks, [len(pages)]))
     return np.stack((pages[starts], ends - starts), axis=1).astype(np.uint64)
-
-
-def zero_pages_parallel(region: Region, zeros: U64, threads: int) -> int:
-    """``zero_pages`` over the whole region on up to ``threads`` threads; returns the zero-page count."""
-    npages = region.npages
-    step = -(-npages // max(1, threads if region.nbytes >= 32 << 20 else 1))
-    step = -(-step // 64) * 64  # whole bitmap words per thread
-    bounds = [(lo, min(lo + step, npages)) for lo in range(0, npages, step)]
-    counts = [0] * len(bounds)
-
-    def work(i: int) -> None:
-        counts[i] = int(_kernels.zero_pages(region.view, region.page_size, zeros, bounds[i][0], bounds[i][1]))
-
-    workers = [threading.Thread(target=work, args=(i,)) for i in range(1, len(bounds))]
-    for t in workers:
-        t.start()
-    try:
-        work(0)
-    finally:
-        for t in workers:
-            t.join()
-    return sum(counts)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from abc import ABC, abstractmethod
 
 import numpy as np
@@ -56,22 +57,23 @@ def runs_to_pages(runs: U64) -> NDArray[np.intp]:
     return np.repeat(starts - (ends - counts), counts) + np.arange(total, dtype=np.intp)
 
 
-def hash_delta_parallel(
-    region: Region, baseline: U64, dirty: U64, threads: int, update: bool = False
-) -> int:
-    """``hash_delta`` over the whole region, split over ``threads`` (the fast path releases the GIL)."""
+def over_threads(region: Region, threads: int, kernel: Callable[[int, int], int]) -> int:
+    """Run ``kernel(lo, hi)`` over the region's pages split over ``threads`` threads; sum the results.
+
+    The fast path releases the GIL, so the threads really run at once. Splits
+    fall on multiples of 64 pages so no two threads share a bitmap word;
+    small regions run on the calling thread alone.
+    """
     npages = region.npages
     if threads <= 1 or region.nbytes < PARALLEL_MIN_BYTES:
-        return int(_kernels.hash_delta(region.view, region.page_size, baseline, dirty, 0, npages, update))
-    # split at multiples of 64 pages so no two threads share a bitmap word
+        return int(kernel(0, npages))
     step = -(-npages // threads)
     step = -(-step // 64) * 64
     bounds = [(lo, min(lo + step, npages)) for lo in range(0, npages, step)]
     counts = [0] * len(bounds)
 
     def work(i: int) -> None:
-        lo, hi = bounds[i]
-        counts[i] = _kernels.hash_delta(region.view, region.page_size, baseline, dirty, lo, hi, update)
+        counts[i] = int(kernel(*bounds[i]))
 
     workers = [threading.Thread(target=work, args=(i,)) for i in range(1, len(bounds))]
     for t in workers:
@@ -82,6 +84,24 @@ def hash_delta_parallel(
         for t in workers:
             t.join()
     return sum(counts)
+
+
+def hash_delta_parallel(
+    region: Region, baseline: U64, dirty: U64, threads: int, update: bool = False
+) -> int:
+    """``hash_delta`` over the whole region on up to ``threads`` threads; returns the dirty count."""
+    return over_threads(
+        region,
+        threads,
+        lambda lo, hi: _kernels.hash_delta(region.view, region.page_size, baseline, dirty, lo, hi, update),
+    )
+
+
+def zero_pages_parallel(region: Region, zeros: U64, threads: int) -> int:
+    """``zero_pages`` over the whole region on up to ``threads`` threads; returns the zero-page count."""
+    return over_threads(
+        region, threads, lambda lo, hi: _kernels.zero_pages(region.view, region.page_size, zeros, lo, hi)
+    )
 
 
 class Tracker(ABC):
