@@ -89,7 +89,7 @@ def test_zero_notices_install_zero_pages_and_the_digest_still_checks(
     if receiver == "python":
         from migcore._uffd_postcopy import UffdPostcopy
 
-        monkeypatch.setattr(UffdPostcopy, "attach", classmethod(lambda cls, *a: None))
+        monkeypatch.setattr(UffdPostcopy, "attach", classmethod(lambda cls, *a, **k: None))
     digest = table_digest({2: b"\x04" * 4096}, NBYTES)  # page 3 is a zero page
     rx = Receiver(listener, wait=False, timeout=TIMEOUT)
     f = Forged(listener.address)
@@ -127,7 +127,7 @@ def test_pure_postcopy_owes_every_page_and_sends_zero_pages_as_notices(
     if receiver == "python":
         from migcore._uffd_postcopy import UffdPostcopy
 
-        monkeypatch.setattr(UffdPostcopy, "attach", classmethod(lambda cls, *a: None))
+        monkeypatch.setattr(UffdPostcopy, "attach", classmethod(lambda cls, *a, **k: None))
     nbytes = 3 * (1 << 20) + 1000  # ragged tail
     region = migcore.Region.allocate(nbytes)
     arr = region.array()

@@ -137,6 +137,8 @@ class Destination:
         self.table: U64 | None = None
         self.hello: P.Hello | None = None
         self.stats = StatsRecorder(mode="", tracker="", migration_id="", page_size=0, total_bytes=0)
+        #: Whether any frame has written into the region yet (post-copy's register step needs it).
+        self.region_written = False
         self._zero_scratch: NDArray[np.uint64] | None = None
 
     # -- frames ------------------------------------------------------------
@@ -300,6 +302,7 @@ class Destination:
             )
         if postcopy:
             self.check_owed(runs)
+        self.region_written = True
         if encoded:
             self.receive_encoded(header, runs, pages, payload, conn)
         else:
@@ -540,7 +543,7 @@ class Received:
         self._done = False
         dest.check_owed = self._check_owed  # type: ignore[method-assign]
         # with userfaultfd, any touch of an owed page fetches it: the program needs no ensure()
-        self._uffd = UffdPostcopy.attach(self.region, owed, dest.conn)
+        self._uffd = UffdPostcopy.attach(self.region, owed, dest.conn, written=dest.region_written)
         # demand latency: a small receive window keeps few background pages queued ahead of a demanded one
         dest.conn.bound_queue(recv=POSTCOPY_RCVBUF)
         dest.conn.send_all(P.encode_header(P.Frame.SWITCHED), "sending SWITCHED")

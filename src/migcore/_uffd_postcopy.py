@@ -57,8 +57,13 @@ class UffdPostcopy:
         self.wake_r = self.wake_w = -1
 
     @classmethod
-    def attach(cls, region: Region, owed: U64, conn: Connection) -> UffdPostcopy | None:
-        """Register ``region`` for transparent post-copy; None (with the reason logged) where it cannot."""
+    def attach(cls, region: Region, owed: U64, conn: Connection, *, written: bool = True) -> UffdPostcopy | None:
+        """Register ``region`` for transparent post-copy; None (with the reason logged) where it cannot.
+
+        ``written`` says whether anything was stored in the region before the
+        switch; a region never written has no page mapped, so there is nothing
+        to discard (pure post-copy keeps its pause independent of the size).
+        """
         # the loop reads plain frames from the socket itself: not through TLS
         reason = None if type(conn) is Connection else "the connection is encrypted"
         reason = reason or _userfault.postcopy_reason(region)
@@ -69,8 +74,9 @@ class UffdPostcopy:
         try:
             self.fd, _ = self.uffd.open_uffd(0)
             self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-            # owed pages may hold zeros a huge page put there: make each of them a missing page
-            self.uffd.discard_pages(self.addr, region.nbytes, region.page_size, owed)
+            if written:
+                # owed pages may hold zeros a huge page put there: make each of them a missing page
+                self.uffd.discard_pages(self.addr, region.nbytes, region.page_size, owed)
             self.uffd.register(self.fd, self.addr, self.length, self.uffd.REGISTER_MODE_MISSING)
         except OSError as exc:
             log.warning("destination: userfaultfd post-copy unavailable, falling back to ensure(): %s", exc)
