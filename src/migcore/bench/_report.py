@@ -167,7 +167,8 @@ def markdown(results: dict[str, Any], targets: list[TargetResult]) -> str:
         "",
         "Plots: `downtime_vs_dirty_rate.png`, `total_time_vs_dirty_rate.png`, `bytes_vs_dirty_rate.png`,",
         "`postcopy_fault_latency.png` in the results folder. Reproduce with `make bench` (the default grid,",
-        "about 15 minutes on 2 cores) or `migcore bench --quick` (under a minute).",
+        "a few minutes on 2 cores), `migcore bench --full` (adds 2 and 4 GiB regions) or",
+        "`migcore bench --quick` (under a minute).",
         "",
     ]
     return "\n".join(lines)
