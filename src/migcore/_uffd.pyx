@@ -670,6 +670,18 @@ cdef int _wake(_Serve *s, uint64_t start, uint64_t length) noexcept nogil:
     return 0
 
 
+cdef int _present(_Serve *s, uint64_t first, uint64_t n, uint64_t span) noexcept nogil:
+    """Pages ``[first, first + n)`` were installed without waking: clear their owed bits, then wake.
+
+    In that order, so whoever wakes sees them no longer owed (a thread woken
+    before the bits cleared took them for missing after a lost link).
+    """
+    cdef uint64_t p
+    for p in range(first, first + n):
+        s.owed[p >> 6] &= ~((<uint64_t>1) << (p & 63))
+    return _wake(s, s.addr + first * s.page_size, span)
+
+
 cdef int _install_zero(_Serve *s, uint64_t count) noexcept nogil:
     """Install every page of a validated zero notice with UFFDIO_ZEROPAGE, then mark it present."""
     cdef const uint64_t *rows = <const uint64_t *>s.runs
@@ -700,9 +712,7 @@ cdef int _install_zero(_Serve *s, uint64_t count) noexcept nogil:
                 s.where = 6
                 return _SERVE_OS
             done += <uint64_t>zp.zeropage
-        for p in range(first, first + n):
-            s.owed[p >> 6] &= ~((<uint64_t>1) << (p & 63))
-        rc = _wake(s, s.addr + first * ps, span)
+        rc = _present(s, first, n, span)
         if rc:
             return rc
         s.info[_INFO_REMAINING] -= n
@@ -744,12 +754,7 @@ cdef int _install(_Serve *s, uint64_t count, uint64_t length) noexcept nogil:
                 s.where = 5
                 return _SERVE_OS
             done += <uint64_t>cp.copy
-        # present: clear the owed bits only now, so no fault sees a page that is not there yet
-        for p in range(first, first + n):
-            s.owed[p >> 6] &= ~((<uint64_t>1) << (p & 63))
-        # then wake the threads that faulted on these pages: whoever wakes sees them no longer owed
-        # (a thread woken before the bits cleared took them for missing after a lost link)
-        rc = _wake(s, s.addr + first * ps, span)
+        rc = _present(s, first, n, span)
         if rc:
             return rc
         s.info[_INFO_REMAINING] -= n
