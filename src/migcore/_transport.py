@@ -112,18 +112,22 @@ class Connection:
 
     # -- reading -----------------------------------------------------------
 
+    def _io(self, call: Callable[[], int], events: int, what: str) -> int:
+        """One socket call, waiting for ``events`` while it would block; an OS error is a lost peer."""
+        while True:
+            try:
+                return call()
+            except (BlockingIOError, InterruptedError):
+                self._wait(events, what)
+            except OSError as exc:
+                raise _lost(what, exc) from exc
+
     def recv_into_exact(self, buf: memoryview, what: str) -> None:
         """Fill ``buf`` exactly (a header, runs table, state...); EOF before the end is a lost peer."""
         got = 0
         n = buf.nbytes
         while got < n:
-            try:
-                k = self.sock.recv_into(buf[got:], n - got)
-            except (BlockingIOError, InterruptedError):
-                self._wait(select.POLLIN, what)
-                continue
-            except OSError as exc:
-                raise _lost(what, exc) from exc
+            k = self._io(lambda: self.sock.recv_into(buf[got:], n - got), select.POLLIN, what)
             if k == 0:
                 raise _lost(what, OSError(f"connection closed after {got} of {n} bytes"))
             got += k
@@ -138,44 +142,29 @@ class Connection:
         """Receive ``total`` payload bytes of validated ``runs`` straight into ``view``."""
         done = 0
         while done < total:
-            try:
-                k = _kernels.recv_runs(self.fd, view, page_size, runs, done)
-            except (BlockingIOError, InterruptedError):
-                self._wait(select.POLLIN, what)
-                continue
-            except OSError as exc:
-                raise _lost(what, exc) from exc
-            if k == 0:
-                # recv_runs returns short at EOF, but also when it would block after some bytes
-                self._wait(select.POLLIN, what)
-                try:
-                    k = _kernels.recv_runs(self.fd, view, page_size, runs, done)
-                except (BlockingIOError, InterruptedError):
-                    continue
-                except OSError as exc:
-                    raise _lost(what, exc) from exc
-                if k == 0:
-                    raise _lost(what, OSError(f"connection closed after {done} of {total} page bytes"))
+            k = self._io(lambda: _kernels.recv_runs(self.fd, view, page_size, runs, done), select.POLLIN, what)
+            if k == 0:  # recv_runs reads end of file as a short count of 0
+                raise _lost(what, OSError(f"connection closed after {done} of {total} page bytes"))
             done += k
             self.received += k
 
     # -- writing -----------------------------------------------------------
 
-    def send_all(self, data: bytes | bytearray | memoryview, what: str) -> None:
-        view = memoryview(data).cast("B")
+    def _send_loop(self, total: int, call: Callable[[int], int], what: str, between: Callable[[], None] | None) -> None:
+        """Call ``call(done)`` until ``total`` bytes went out, waiting while the socket is full."""
         done = 0
-        while done < view.nbytes:
-            try:
-                k = self.sock.send(view[done:])
-            except (BlockingIOError, InterruptedError):
-                self._wait(select.POLLOUT, what)
-                continue
-            except OSError as exc:
-                raise _lost(what, exc) from exc
+        while done < total:
+            k = self._io(lambda: call(done), select.POLLOUT, what)
             done += k
             self.sent += k
+            if between is not None:
+                between()
             if k == 0:  # nothing moved and no error: wait rather than spin
                 self._wait(select.POLLOUT, what)
+
+    def send_all(self, data: bytes | bytearray | memoryview, what: str) -> None:
+        view = memoryview(data).cast("B")
+        self._send_loop(view.nbytes, lambda done: self.sock.send(view[done:]), what, None)
 
     def send_pages(
         self,
@@ -188,21 +177,9 @@ class Connection:
         between: Callable[[], None] | None = None,
     ) -> None:
         """Send ``header`` then the pages of ``runs`` straight from ``view`` (``total`` bytes in all)."""
-        done = 0
-        while done < total:
-            try:
-                k = _kernels.send_runs(self.fd, view, page_size, runs, header, done)
-            except (BlockingIOError, InterruptedError):
-                if between is not None:
-                    between()
-                self._wait(select.POLLOUT, what)
-                continue
-            except OSError as exc:
-                raise _lost(what, exc) from exc
-            done += k
-            self.sent += k
-            if k == 0:  # nothing moved and no error: wait rather than spin
-                self._wait(select.POLLOUT, what)
+        self._send_loop(
+            total, lambda done: _kernels.send_runs(self.fd, view, page_size, runs, header, done), what, between
+        )
 
     def bound_queue(self, *, send: int = 0, recv: int = 0) -> None:
         """Best effort: cap the kernel's send and/or receive buffer of this connection (0 leaves one alone).
@@ -288,16 +265,6 @@ class TLSConnection(Connection):
             except OSError as exc:
                 raise _lost(what, exc) from exc
 
-    def recv_into_exact(self, buf: memoryview, what: str) -> None:
-        got = 0
-        n = buf.nbytes
-        while got < n:
-            k = self._io(lambda: self.sock.recv_into(buf[got:], n - got), select.POLLIN, what)
-            if k == 0:
-                raise _lost(what, OSError(f"connection closed after {got} of {n} bytes"))
-            got += k
-            self.received += k
-
     def recv_pages(self, view: memoryview, page_size: int, runs: NDArray[np.uint64], total: int, what: str) -> None:
         for first, count in runs.tolist():
             start = first * page_size
@@ -305,11 +272,7 @@ class TLSConnection(Connection):
 
     def send_all(self, data: bytes | bytearray | memoryview, what: str) -> None:
         view = memoryview(data).cast("B")
-        done = 0
-        while done < view.nbytes:
-            k = self._io(lambda: self.sock.send(view[done : done + TLS_CHUNK]), select.POLLOUT, what)
-            done += k
-            self.sent += k
+        self._send_loop(view.nbytes, lambda done: self.sock.send(view[done : done + TLS_CHUNK]), what, None)
 
     def send_pages(
         self,
