@@ -38,6 +38,7 @@ TARGETS: dict[tuple[str, str], tuple[str, float]] = {
     ("hash_delta", "xxh3_loop"): ("hash_delta 1 GiB vs Python loop of xxh3_64 per page", 1.5),
     ("hash_delta_2threads", "xxh3_loop"): ("hash_delta on 2 threads vs that Python loop", 1.5),
     ("zero_pages", "numpy_any"): ("zero_pages 1 GiB all zero vs numpy .any()", 1.0),
+    ("zero_scan_resident", "zero_scan_all"): ("zero scan 1 GiB, 90% untouched: ask the kernel vs read all", 2.0),
     ("dirty_runs", "numpy_runs"): ("dirty_runs 2^28 bits, 0.1% set vs unpackbits+nonzero", 10.0),
     ("send_runs", "sendall"): ("send_runs vs sendall", 0.8),
     ("recv_runs", "recv_into"): ("recv_runs vs recv_into", 0.8),

@@ -571,6 +571,110 @@ def test_buffer_kernels_agree_with_oracles_and_reference(
     assert bits(zeros, words * 64) == expected_zero
 
 
+# --- resident: pages known to be zero are not read ---
+
+
+@HYPOTHESIS
+@given(region=regions(), seed=st.integers(0, 2**32 - 1))
+def test_resident_mask_agrees_with_oracle_and_reference(
+    impl: ModuleType, region: tuple[bytes, int, int, int], seed: int
+) -> None:
+    """A page outside ``resident`` counts as a zero page of its length, whatever its bytes."""
+    data, page_size, start, stop = region
+    n = npages(len(data), page_size)
+    end = n if stop == -1 else stop
+    rng = np.random.default_rng(seed)
+    words = -(-n // 64) + 1
+    density = rng.choice([0.0, 0.1, 0.5, 1.0])
+    resident = np.zeros(words, np.uint64)
+    flags = rng.random(n) < density
+    if n:
+        flags[[0, n - 1]] = rng.random(2) < 0.5  # the first and the (partial) last page both ways
+    resident[: -(-n // 64) or 0] = np.packbits(
+        np.concatenate([flags, np.zeros(-n % 64, bool)]), bitorder="little"
+    ).view(np.uint64)
+    # what the mask promises: an absent page reads as zeros of its real length
+    seen = bytearray(data)
+    for i in range(n):
+        if not flags[i]:
+            seen[i * page_size : (i + 1) * page_size] = bytes(len(seen[i * page_size : (i + 1) * page_size]))
+    truth = page_hashes(bytes(seen), page_size)
+
+    baseline = np.array(truth, np.uint64)
+    baseline[rng.random(n) < 0.5] ^= np.uint64(1)
+    dirty = rng.integers(0, 2**64, words, dtype=np.uint64)
+    expected_dirty = bits(dirty, words * 64)
+    expected_dirty[start:end] = [truth[i] != int(baseline[i]) for i in range(start, end)]
+    mine_b, mine_d = baseline.copy(), dirty.copy()
+    count = impl.hash_delta(data, page_size, mine_b, mine_d, start, stop, update=True, resident=resident)
+    assert count == sum(expected_dirty[start:end])
+    assert bits(mine_d, words * 64) == expected_dirty
+    assert mine_b[start:end].tolist() == truth[start:end]
+    ref_b, ref_d = baseline.copy(), dirty.copy()
+    assert _reference.hash_delta(data, page_size, ref_b, ref_d, start, stop, update=True, resident=resident) == count
+    assert (ref_b == mine_b).all() and (ref_d == mine_d).all()
+
+    zeros = dirty.copy()
+    expected_zero = bits(dirty, words * 64)
+    expected_zero[start:end] = [not any(seen[i * page_size : (i + 1) * page_size]) for i in range(start, end)]
+    assert impl.zero_pages(data, page_size, zeros, start, stop, resident=resident) == sum(expected_zero[start:end])
+    assert bits(zeros, words * 64) == expected_zero
+    ref_z = dirty.copy()
+    _reference.zero_pages(data, page_size, ref_z, start, stop, resident=resident)
+    assert (ref_z == zeros).all()
+
+
+def test_resident_all_set_is_the_same_as_none(impl: ModuleType) -> None:
+    data = bytearray(random_bytes(4096 * 130 - 5, 11))
+    data[4096 * 7 : 4096 * 9] = bytes(8192)
+    every = np.full(3, np.uint64(2**64 - 1))
+    for resident in (None, every):
+        b = np.zeros(130, np.uint64)
+        d = np.zeros(3, np.uint64)
+        assert impl.hash_delta(data, 4096, b, d, update=True, resident=resident) == 130
+        assert b.tolist() == page_hashes(bytes(data), 4096)
+        z = np.zeros(3, np.uint64)
+        assert impl.zero_pages(data, 4096, z, resident=resident) == 2
+
+
+def test_absent_pages_are_never_read(fastpath: ModuleType) -> None:
+    """The promise behind the mask: a page outside it is not touched (here it would crash the process)."""
+    ps = mmap.PAGESIZE
+    m = mmap.mmap(-1, 8 * ps, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        view = memoryview(m)
+        view[0:ps] = b"\x01" * ps
+        arr = np.frombuffer(m, np.uint8)
+        libc = __import__("ctypes").CDLL(None, use_errno=True)
+        libc.mprotect.argtypes = [__import__("ctypes").c_void_p, __import__("ctypes").c_size_t, __import__("ctypes").c_int]
+        addr = arr.ctypes.data
+        assert libc.mprotect(addr + 2 * ps, 6 * ps, 0) == 0  # PROT_NONE: reading these pages would fault
+        try:
+            resident = np.array([0b11], np.uint64)
+            zeros = np.zeros(1, np.uint64)
+            assert fastpath.zero_pages(m, ps, zeros, resident=resident) == 7
+            assert int(zeros[0]) == 0b11111110
+            table = np.zeros(8, np.uint64)
+            dirty = np.zeros(1, np.uint64)
+            assert fastpath.hash_delta(m, ps, table, dirty, update=True, resident=resident) == 8
+            assert table.tolist() == [xxhash.xxh3_64_intdigest(b"\x01" * ps)] + [xxhash.xxh3_64_intdigest(bytes(ps))] * 7
+        finally:
+            assert libc.mprotect(addr + 2 * ps, 6 * ps, 3) == 0
+        del arr
+        view.release()
+    finally:
+        m.close()
+
+
+def test_resident_mask_too_short_rejected(impl: ModuleType) -> None:
+    with pytest.raises(ValueError, match="resident"):
+        impl.zero_pages(bytes(65 * 64), 64, np.zeros(2, np.uint64), resident=np.zeros(1, np.uint64))
+    with pytest.raises(ValueError, match="resident"):
+        impl.hash_delta(bytes(65 * 64), 64, np.zeros(65, np.uint64), np.zeros(2, np.uint64), resident=np.zeros(1, np.uint64))
+    with pytest.raises(TypeError):
+        impl.zero_pages(bytes(64), 64, np.zeros(1, np.uint64), resident=np.zeros(1, np.int64))
+
+
 # --- the GIL ---
 
 

@@ -42,6 +42,7 @@ def hash_delta(
     start: int = 0,
     stop: int = -1,
     update: bool = False,
+    resident: _U64 | None = None,
 ) -> int:
     """Hash pages ``[start, stop)`` and compare with ``baseline`` in one pass.
 
@@ -49,13 +50,22 @@ def hash_delta(
     clears it where it is equal (bits outside the range are left alone). With
     ``update``, ``baseline[i]`` becomes the new hash. Returns the number of
     dirty pages in the range.
+
+    A page whose bit is clear in the bitmap ``resident`` is known to hold
+    zeros (the kernel has no memory behind it): it is not read and its hash
+    is that of a zero page of its length. None: every page is read.
     """
 
 def compare_hashes(current: _U64, baseline: _U64, dirty: _U64) -> int:
     """Bit ``i`` of ``dirty`` = ``current[i] != baseline[i]`` for every ``i``; returns the count."""
 
-def zero_pages(buf: Buffer, page_size: int, out: _U64, start: int = 0, stop: int = -1) -> int:
-    """Bit ``i`` of ``out`` = page ``i`` is all zero bytes, for ``[start, stop)``; returns their count."""
+def zero_pages(
+    buf: Buffer, page_size: int, out: _U64, start: int = 0, stop: int = -1, resident: _U64 | None = None
+) -> int:
+    """Bit ``i`` of ``out`` = page ``i`` is all zero bytes, for ``[start, stop)``; returns their count.
+
+    A page whose bit is clear in ``resident`` counts as zero without being read (see ``hash_delta``).
+    """
 
 def dirty_runs(
     bitmap: _U64, nbits: int, out: _U64, start: int = 0, max_run: int = 0

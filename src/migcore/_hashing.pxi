@@ -147,13 +147,23 @@ cdef void _hash_range(const unsigned char *p, size_t nbytes, size_t page_size,
         out[i] = xxh3(p + i * page_size, _page_len(nbytes, page_size, i))
 
 
+cdef inline bint _absent(const uint64_t *resident, size_t i) noexcept nogil:
+    """Page ``i`` is outside the ``resident`` bitmap (NULL: every page is resident)."""
+    return resident != NULL and not ((resident[i >> 6] >> (i & 63)) & 1)
+
+
 cdef size_t _delta_range(const unsigned char *p, size_t nbytes, size_t page_size,
                          uint64_t *baseline, uint64_t *dirty, size_t start, size_t stop,
-                         bint update) noexcept nogil:
-    """Hash, compare, set/clear the dirty bit, maybe update: one pass, one store per bitmap word."""
+                         bint update, const uint64_t *resident, uint64_t zero_hash,
+                         uint64_t zero_tail_hash) noexcept nogil:
+    """Hash, compare, set/clear the dirty bit, maybe update: one pass, one store per bitmap word.
+
+    A page outside ``resident`` is known to hold zeros: it is not read, its hash is the zero hash.
+    """
     cdef size_t i = start
     cdef size_t first, end
     cdef size_t count = 0
+    cdef size_t last = (nbytes - 1) // page_size
     cdef uint64_t bits, h
     cdef mig_xxh3_fn xxh3 = mig_xxh3_select()
     while i < stop:
@@ -163,7 +173,10 @@ cdef size_t _delta_range(const unsigned char *p, size_t nbytes, size_t page_size
             end = stop
         bits = 0
         while i < end:
-            h = xxh3(p + i * page_size, _page_len(nbytes, page_size, i))
+            if _absent(resident, i):
+                h = zero_tail_hash if i == last else zero_hash
+            else:
+                h = xxh3(p + i * page_size, _page_len(nbytes, page_size, i))
             if h != baseline[i]:
                 bits |= (<uint64_t>1) << (i & 63)
                 if update:
@@ -193,7 +206,9 @@ cdef size_t _compare_range(const uint64_t *current, const uint64_t *baseline, ui
 
 
 cdef size_t _zero_range(const unsigned char *p, size_t nbytes, size_t page_size,
-                        uint64_t *out, size_t start, size_t stop) noexcept nogil:
+                        uint64_t *out, size_t start, size_t stop,
+                        const uint64_t *resident) noexcept nogil:
+    """Set the bit of every all-zero page; a page outside ``resident`` is zero without being read."""
     cdef size_t i = start
     cdef size_t first, end
     cdef size_t count = 0
@@ -205,12 +220,23 @@ cdef size_t _zero_range(const unsigned char *p, size_t nbytes, size_t page_size,
             end = stop
         bits = 0
         while i < end:
-            if mig_is_zero(p + i * page_size, _page_len(nbytes, page_size, i)):
+            if _absent(resident, i) or mig_is_zero(p + i * page_size, _page_len(nbytes, page_size, i)):
                 bits |= (<uint64_t>1) << (i & 63)
             i += 1
         _store_bits(out, first, end, bits)
         count += MIG_POPCOUNT64(bits)
     return count
+
+
+cdef const uint64_t *_resident_words(object resident, size_t npages) except? NULL:
+    """The ``resident`` bitmap's words, or NULL for None (every page resident)."""
+    if resident is None:
+        return NULL
+    _check_bitmap(resident, npages, "resident")
+    cdef const uint64_t[::1] words = resident
+    if words.shape[0] == 0:
+        return NULL  # no page at all: nothing will be read
+    return &words[0]
 
 
 def hash_pages(buf, Py_ssize_t page_size, out, Py_ssize_t start=0, Py_ssize_t stop=-1):
@@ -256,7 +282,7 @@ def hash_runs(buf, Py_ssize_t page_size, runs, out):
 
 
 def hash_delta(buf, Py_ssize_t page_size, baseline, dirty, Py_ssize_t start=0, Py_ssize_t stop=-1,
-               bint update=False):
+               bint update=False, resident=None):
     """Hash ``[start, stop)``, mark pages whose hash differs from ``baseline``; returns how many."""
     cdef const unsigned char[::1] data = _hash_bytes(buf)
     cdef size_t nbytes = data.shape[0]
@@ -270,10 +296,17 @@ def hash_delta(buf, Py_ssize_t page_size, baseline, dirty, Py_ssize_t start=0, P
     cdef const uint64_t[::1] base = baseline
     cdef uint64_t[::1] bits = dirty
     cdef const unsigned char *p = &data[0]
+    cdef const uint64_t *res = _resident_words(resident, npages)
+    cdef mig_xxh3_fn xxh3 = mig_xxh3_select()
+    cdef uint64_t zh = 0, zt = 0
     cdef size_t count
+    if res != NULL:  # the hashes of a zero page and of a zero last page, for the pages not read
+        zeros = bytes(<size_t>page_size)
+        zh = xxh3(<const unsigned char *>zeros, <size_t>page_size)
+        zt = xxh3(<const unsigned char *>zeros, _page_len(nbytes, page_size, npages - 1))
     with nogil:
         count = _delta_range(p, nbytes, page_size, <uint64_t *>&base[0], &bits[0], start, stop,
-                             update)
+                             update, res, zh, zt)
     return count
 
 
@@ -296,7 +329,7 @@ def compare_hashes(current, baseline, dirty):
     return count
 
 
-def zero_pages(buf, Py_ssize_t page_size, out, Py_ssize_t start=0, Py_ssize_t stop=-1):
+def zero_pages(buf, Py_ssize_t page_size, out, Py_ssize_t start=0, Py_ssize_t stop=-1, resident=None):
     """Bit ``i`` of ``out`` = page ``i`` is all zero, for ``[start, stop)``; returns the count."""
     cdef const unsigned char[::1] data = _hash_bytes(buf)
     cdef size_t nbytes = data.shape[0]
@@ -307,9 +340,10 @@ def zero_pages(buf, Py_ssize_t page_size, out, Py_ssize_t start=0, Py_ssize_t st
         return 0
     cdef uint64_t[::1] bits = out
     cdef const unsigned char *p = &data[0]
+    cdef const uint64_t *res = _resident_words(resident, npages)
     cdef size_t count
     with nogil:
-        count = _zero_range(p, nbytes, page_size, &bits[0], start, stop)
+        count = _zero_range(p, nbytes, page_size, &bits[0], start, stop, res)
     return count
 
 

@@ -121,6 +121,10 @@ def hash_runs(buf: Any, page_size: int, runs: _U64, out: _U64) -> None:
             out[i] = xxhash.xxh3_64_intdigest(_page(view, page_size, i))
 
 
+def _bit(bitmap: _U64, i: int) -> bool:
+    return bool((int(bitmap[i >> 6]) >> (i & 63)) & 1)
+
+
 def _write_bits(bitmap: _U64, start: int, flags: NDArray[np.bool_]) -> None:
     """Store ``flags`` as bits ``start..start+len(flags)`` of ``bitmap``.
 
@@ -145,6 +149,7 @@ def hash_delta(
     start: int = 0,
     stop: int = -1,
     update: bool = False,
+    resident: _U64 | None = None,
 ) -> int:
     view = _bytes_view(buf)
     _check_page_size(page_size)
@@ -153,10 +158,15 @@ def hash_delta(
     if baseline.ndim != 1 or baseline.shape[0] < npages:
         raise ValueError(f"baseline needs at least {npages} items")
     _check_bitmap(dirty, npages, "dirty", writable=True)
+    if resident is not None:
+        _check_bitmap(resident, npages, "resident")
     start, stop = _page_range(npages, start, stop)
     current = np.empty(stop - start, dtype=np.uint64)
     for i in range(start, stop):
-        current[i - start] = xxhash.xxh3_64_intdigest(_page(view, page_size, i))
+        page: Any = _page(view, page_size, i)
+        if resident is not None and not _bit(resident, i):
+            page = bytes(len(page))  # known to be zero: not read
+        current[i - start] = xxhash.xxh3_64_intdigest(page)
     flags = current != baseline[start:stop]
     _write_bits(dirty, start, flags)
     if update:
@@ -176,15 +186,22 @@ def compare_hashes(current: _U64, baseline: _U64, dirty: _U64) -> int:
     return int(flags.sum())
 
 
-def zero_pages(buf: Any, page_size: int, out: _U64, start: int = 0, stop: int = -1) -> int:
+def zero_pages(
+    buf: Any, page_size: int, out: _U64, start: int = 0, stop: int = -1, resident: _U64 | None = None
+) -> int:
     view = _bytes_view(buf)
     _check_page_size(page_size)
     npages = _npages(len(view), page_size)
     _check_bitmap(out, npages, "out", writable=True)
+    if resident is not None:
+        _check_bitmap(resident, npages, "resident")
     start, stop = _page_range(npages, start, stop)
     data = np.frombuffer(view, dtype=np.uint8)
     flags = np.array(
-        [not data[i * page_size : (i + 1) * page_size].any() for i in range(start, stop)],
+        [
+            (resident is not None and not _bit(resident, i)) or not data[i * page_size : (i + 1) * page_size].any()
+            for i in range(start, stop)
+        ],
         dtype=bool,
     )
     _write_bits(out, start, flags)

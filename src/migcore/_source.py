@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from migcore import _codecs, _kernels
+from migcore import _codecs, _kernels, _residency
 from migcore import _protocol as P
 from migcore._bandwidth import TokenBucket
 from migcore._delta import DEFAULT_CACHE_BYTES, DeltaCache
@@ -139,6 +139,8 @@ class Source:
         self.rounds_sent = 0
         #: pure post-copy: the background zero scan has reached this page
         self.scanned = 0
+        #: pure post-copy: the pages with memory behind them at the pause (None: read every page)
+        self.resident: U64 | None = None
         self.stats.streams = opts.streams
         self.stats.compress = opts.compress or ""
 
@@ -427,7 +429,7 @@ class Source:
         empty = np.empty((0, 2), dtype=np.uint64)
         if scan:
             for first, n in runs.tolist():
-                _kernels.zero_pages(region.view, region.page_size, zeros, first, first + n)
+                _kernels.zero_pages(region.view, region.page_size, zeros, first, first + n, resident=self.resident)
         pages = runs_to_pages(runs)
         is_zero = ((zeros[pages >> 6] >> (pages & 63).astype(np.uint64)) & np.uint64(1)).astype(bool)
         nzero = int(is_zero.sum())
@@ -449,7 +451,7 @@ class Source:
         for first, n in runs.tolist():
             lo, hi = max(first, self.scanned), first + n
             if lo < hi:
-                _kernels.zero_pages(region.view, ps, zeros, lo, hi)
+                _kernels.zero_pages(region.view, ps, zeros, lo, hi, resident=self.resident)
             self.scanned = max(self.scanned, hi)
         cap_pages = max(1, cap // ps)
         rows = runs.tolist()
@@ -673,6 +675,8 @@ class Source:
         self.stats.downtime = time.monotonic() - (self.paused_at or time.monotonic())
         if deferred:  # after the switch, not in the pause: the table of a zero region, hashed into as pages go
             lazy = zero_page_hashes(self.region)
+            # the region stays frozen from now on: pages without memory behind them are zero unread
+            self.resident = _residency.resident_pages(self.region)
         # zero notices only where nothing was sent before the switch; hybrid keeps its final pass (the
         # owed pages are the dirty ones, and a page that became zero is sent as a page like any other)
         self.postcopy_service(dirty, count, hash_into=lazy, zero_notices=deferred)

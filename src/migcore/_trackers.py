@@ -24,7 +24,7 @@ import numpy as np
 import xxhash
 from numpy.typing import NDArray
 
-from migcore import _kernels, _userfault
+from migcore import _kernels, _residency, _userfault
 from migcore._errors import MigrationError
 from migcore._region import Region, new_bitmap
 
@@ -89,18 +89,31 @@ def over_threads(region: Region, threads: int, kernel: Callable[[int, int], int]
 def hash_delta_parallel(
     region: Region, baseline: U64, dirty: U64, threads: int, update: bool = False
 ) -> int:
-    """``hash_delta`` over the whole region on up to ``threads`` threads; returns the dirty count."""
+    """``hash_delta`` over the whole region on up to ``threads`` threads; returns the dirty count.
+
+    Pages the kernel has no memory behind are hashed as zero pages without
+    being read (:mod:`migcore._residency`).
+    """
+    resident = _residency.resident_pages(region)
     return over_threads(
         region,
         threads,
-        lambda lo, hi: _kernels.hash_delta(region.view, region.page_size, baseline, dirty, lo, hi, update),
+        lambda lo, hi: _kernels.hash_delta(
+            region.view, region.page_size, baseline, dirty, lo, hi, update, resident=resident
+        ),
     )
 
 
 def zero_pages_parallel(region: Region, zeros: U64, threads: int) -> int:
-    """``zero_pages`` over the whole region on up to ``threads`` threads; returns the zero-page count."""
+    """``zero_pages`` over the whole region on up to ``threads`` threads; returns the zero-page count.
+
+    Pages the kernel has no memory behind count as zero without being read.
+    """
+    resident = _residency.resident_pages(region)
     return over_threads(
-        region, threads, lambda lo, hi: _kernels.zero_pages(region.view, region.page_size, zeros, lo, hi)
+        region,
+        threads,
+        lambda lo, hi: _kernels.zero_pages(region.view, region.page_size, zeros, lo, hi, resident=resident),
     )
 
 

@@ -66,6 +66,11 @@ def write_protect(fd: int, addr: int, length: int, protect: bool = True) -> None
 def scan_written(pagemap_fd: int, addr: int, length: int, page_size: int, out: _U64) -> int:
     """PAGEMAP_SCAN the written pages into bitmap ``out`` and re-protect them atomically; returns the count."""
 
+def scan_resident(
+    pagemap_fd: int, addr: int, length: int, page_size: int, out: _U64, skip_zero_pfn: bool = True
+) -> int:
+    """PAGEMAP_SCAN the pages with memory behind them (present or swapped, not the zero page) into ``out``; returns the count."""
+
 def discard_pages(addr: int, nbytes: int, page_size: int, bitmap: _U64) -> None:
     """madvise(MADV_DONTNEED) the pages set in ``bitmap``."""
 

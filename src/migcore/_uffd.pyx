@@ -85,6 +85,9 @@ cdef extern from *:
     };
     #define MIG_PAGEMAP_SCAN _IOWR('f', 16, struct mig_pm_scan_arg)
     #define MIG_PAGE_IS_WRITTEN ((uint64_t)1 << 1)                /* Linux 6.7 */
+    #define MIG_PAGE_IS_PRESENT ((uint64_t)1 << 3)                /* Linux 6.7 */
+    #define MIG_PAGE_IS_SWAPPED ((uint64_t)1 << 4)                /* Linux 6.7 */
+    #define MIG_PAGE_IS_PFNZERO ((uint64_t)1 << 5)                /* Linux 6.7 */
     #define MIG_PM_SCAN_WP_MATCHING ((uint64_t)1 << 0)            /* Linux 6.7 */
     #define MIG_PM_SCAN_CHECK_WPASYNC ((uint64_t)1 << 1)          /* Linux 6.7 */
 
@@ -170,6 +173,9 @@ cdef extern from *:
     const uint64_t MIG_UFFD_FEATURE_WP_ASYNC
     const unsigned long MIG_PAGEMAP_SCAN
     const uint64_t MIG_PAGE_IS_WRITTEN
+    const uint64_t MIG_PAGE_IS_PRESENT
+    const uint64_t MIG_PAGE_IS_SWAPPED
+    const uint64_t MIG_PAGE_IS_PFNZERO
     const uint64_t MIG_PM_SCAN_WP_MATCHING
     const uint64_t MIG_PM_SCAN_CHECK_WPASYNC
     const int O_CLOEXEC
@@ -379,6 +385,62 @@ def write_protect(int fd, uint64_t addr, uint64_t length, bint protect=True) -> 
         raise OSError(errno, f"UFFDIO_WRITEPROTECT: {_strerror(errno)}")
 
 
+cdef int _pagemap_scan(int pagemap_fd, uint64_t addr, uint64_t length, uint64_t page_size, uint64_t *out,
+                       uint64_t nwords, uint64_t flags, uint64_t inverted, uint64_t mask, uint64_t anyof,
+                       uint64_t *count) noexcept nogil:
+    """PAGEMAP_SCAN the system pages over ``[addr, addr + length)``; set the bits of the matching ``page_size`` pages.
+
+    ``addr`` need not be page-aligned: the scan covers the system pages the
+    range touches, and a page of ``out`` is set when any matching system page
+    overlaps it. Returns 0, or the errno of a failed call.
+    """
+    cdef mig_page_region vec[_SCAN_VEC]
+    cdef mig_pm_scan_arg arg
+    cdef uint64_t stop_addr = addr + length
+    cdef uint64_t npages = (length + page_size - 1) // page_size
+    cdef uint64_t lo, hi, first, stop, i
+    cdef long n
+    cdef int k
+    memset(out, 0, nwords * 8)
+    count[0] = 0
+    if length == 0:
+        return 0
+    memset(&arg, 0, sizeof(arg))
+    arg.size = sizeof(arg)
+    arg.flags = flags
+    arg.start = addr - addr % _SYSTEM_PAGE
+    arg.end = _round_up(stop_addr, _SYSTEM_PAGE)
+    arg.vec = <uint64_t>&vec[0]
+    arg.vec_len = _SCAN_VEC
+    arg.category_inverted = inverted
+    arg.category_mask = mask
+    arg.category_anyof_mask = anyof
+    arg.return_mask = mask | anyof
+    while arg.start < arg.end:
+        n = mig_ioctl(pagemap_fd, MIG_PAGEMAP_SCAN, &arg)
+        if n < 0:
+            if errno == EINTR or errno == EAGAIN:
+                continue
+            return errno
+        for k in range(n):
+            lo = vec[k].start if vec[k].start > addr else addr
+            hi = vec[k].end if vec[k].end < stop_addr else stop_addr
+            if lo >= hi:
+                continue
+            first = (lo - addr) // page_size
+            stop = (hi - addr + page_size - 1) // page_size
+            if stop > npages:
+                stop = npages
+            if first < stop:
+                _set_range(out, first, stop)
+        if arg.walk_end <= arg.start:
+            break
+        arg.start = arg.walk_end
+    for i in range(nwords):
+        count[0] += __builtin_popcountll(out[i])
+    return 0
+
+
 def scan_written(int pagemap_fd, uint64_t addr, uint64_t length, uint64_t page_size, uint64_t[::1] out) -> int:
     """PAGEMAP_SCAN the written pages of ``[addr, addr + length)`` and write-protect them again, atomically.
 
@@ -388,43 +450,39 @@ def scan_written(int pagemap_fd, uint64_t addr, uint64_t length, uint64_t page_s
     cdef uint64_t npages = (length + page_size - 1) // page_size
     if <uint64_t>out.shape[0] * 64 < npages:
         raise ValueError(f"out holds {out.shape[0] * 64} bits, need {npages}")
-    cdef mig_page_region vec[_SCAN_VEC]
-    cdef mig_pm_scan_arg arg
-    cdef uint64_t end = addr + _round_up(length, _SYSTEM_PAGE)
-    cdef uint64_t first, stop, count = 0, i
-    cdef long n
-    cdef int k, err = 0
+    if npages == 0:
+        return 0
+    cdef uint64_t count = 0
+    cdef int err
     with nogil:
-        memset(&out[0], 0, out.shape[0] * 8)
-        memset(&arg, 0, sizeof(arg))
-        arg.size = sizeof(arg)
-        arg.flags = MIG_PM_SCAN_WP_MATCHING | MIG_PM_SCAN_CHECK_WPASYNC
-        arg.start = addr
-        arg.end = end
-        arg.vec = <uint64_t>&vec[0]
-        arg.vec_len = _SCAN_VEC
-        arg.category_mask = MIG_PAGE_IS_WRITTEN
-        arg.return_mask = MIG_PAGE_IS_WRITTEN
-        while arg.start < end:
-            n = mig_ioctl(pagemap_fd, MIG_PAGEMAP_SCAN, &arg)
-            if n < 0:
-                if errno == EINTR or errno == EAGAIN:
-                    continue
-                err = errno
-                break
-            for k in range(n):
-                first = (vec[k].start - addr) // page_size
-                stop = (vec[k].end - addr + page_size - 1) // page_size
-                if stop > npages:
-                    stop = npages
-                if first < stop:
-                    _set_range(&out[0], first, stop)
-            if arg.walk_end <= arg.start:
-                break
-            arg.start = arg.walk_end
-        if not err:
-            for i in range(<uint64_t>out.shape[0]):
-                count += __builtin_popcountll(out[i])
+        err = _pagemap_scan(pagemap_fd, addr, length, page_size, &out[0], out.shape[0],
+                            MIG_PM_SCAN_WP_MATCHING | MIG_PM_SCAN_CHECK_WPASYNC, 0,
+                            MIG_PAGE_IS_WRITTEN, 0, &count)
+    if err:
+        raise OSError(err, f"PAGEMAP_SCAN: {_strerror(err)}")
+    return count
+
+
+def scan_resident(int pagemap_fd, uint64_t addr, uint64_t length, uint64_t page_size, uint64_t[::1] out,
+                  bint skip_zero_pfn=True) -> int:
+    """PAGEMAP_SCAN the pages of ``[addr, addr + length)`` that have memory behind them: present or swapped.
+
+    ``out`` becomes that bitmap of ``page_size``-byte pages (a page counts if
+    any system page overlapping it does); returns their count. With
+    ``skip_zero_pfn``, a page mapped to the shared zero page does not count
+    (PAGE_IS_PFNZERO). Nothing is write-protected or changed.
+    """
+    cdef uint64_t npages = (length + page_size - 1) // page_size
+    if <uint64_t>out.shape[0] * 64 < npages:
+        raise ValueError(f"out holds {out.shape[0] * 64} bits, need {npages}")
+    if npages == 0:
+        return 0
+    cdef uint64_t zero_pfn = MIG_PAGE_IS_PFNZERO if skip_zero_pfn else 0
+    cdef uint64_t count = 0
+    cdef int err
+    with nogil:
+        err = _pagemap_scan(pagemap_fd, addr, length, page_size, &out[0], out.shape[0], 0, zero_pfn, zero_pfn,
+                            MIG_PAGE_IS_PRESENT | MIG_PAGE_IS_SWAPPED, &count)
     if err:
         raise OSError(err, f"PAGEMAP_SCAN: {_strerror(err)}")
     return count

@@ -55,6 +55,7 @@ class UffdPostcopy:
         self.info[self.uffd.INFO_REMAINING] = int(_kernels.count_bits(owed))
         self.fd = -1
         self.wake_r = self.wake_w = -1
+        self.claim = 0  # the record that this range's non-present pages are owed, not zero
 
     @classmethod
     def attach(cls, region: Region, owed: U64, conn: Connection, *, written: bool = True) -> UffdPostcopy | None:
@@ -77,6 +78,7 @@ class UffdPostcopy:
             if written:
                 # owed pages may hold zeros a huge page put there: make each of them a missing page
                 self.uffd.discard_pages(self.addr, region.nbytes, region.page_size, owed)
+            self.claim = _userfault.claim_missing(self.addr, self.length)
             self.uffd.register(self.fd, self.addr, self.length, self.uffd.REGISTER_MODE_MISSING)
         except OSError as exc:
             log.warning("destination: userfaultfd post-copy unavailable, falling back to ensure(): %s", exc)
@@ -193,6 +195,9 @@ class UffdPostcopy:
                 pass
             self.uffd.close_fd(self.fd)
             self.fd = -1
+        if self.claim:
+            _userfault.release_missing(self.claim)
+            self.claim = 0
         for fd in (self.wake_r, self.wake_w):
             if fd >= 0:
                 os.close(fd)

@@ -14,6 +14,7 @@ import logging
 import mmap
 import os
 import sys
+import threading
 from types import ModuleType
 
 from migcore._region import Region
@@ -30,6 +31,11 @@ except ImportError as _exc:  # not Linux, or built without it
 else:
     _uffd_module = _uffd
     _IMPORT_ERROR = ""
+
+
+def available() -> bool:
+    """Whether the compiled ``migcore._uffd`` is importable here."""
+    return _uffd_module is not None
 
 
 def module() -> ModuleType:
@@ -77,7 +83,7 @@ def kernel_reason(*, write_tracking: bool) -> str | None:
     return None
 
 
-def _anonymous_private(start: int, stop: int) -> str | None:
+def anonymous_private(start: int, stop: int) -> str | None:
     """Why ``[start, stop)`` is not wholly private anonymous memory in /proc/self/maps; None if it is."""
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
@@ -105,6 +111,37 @@ def _anonymous_private(start: int, stop: int) -> str | None:
     return "its pages are not one mapping (a hole in /proc/self/maps)"
 
 
+def system_span(region: Region) -> tuple[int, int]:
+    """``(address, length)`` of the system pages the region's bytes touch (it may start mid-page)."""
+    addr = module().address_of(region.view)
+    lo = addr - addr % SYSTEM_PAGE
+    return lo, -(-(addr + region.nbytes - lo) // SYSTEM_PAGE) * SYSTEM_PAGE
+
+
+#: Ranges this process registered with a userfaultfd in missing-page mode: a non-present page there is owed.
+_missing: dict[int, tuple[int, int]] = {}
+_missing_lock = threading.Lock()
+
+
+def claim_missing(addr: int, length: int) -> int:
+    """Record a missing-mode registration of ``[addr, addr + length)``; returns the key to release it."""
+    with _missing_lock:
+        key = max(_missing, default=0) + 1
+        _missing[key] = (addr, addr + length)
+        return key
+
+
+def release_missing(key: int) -> None:
+    with _missing_lock:
+        _missing.pop(key, None)
+
+
+def missing_registered(addr: int, length: int) -> bool:
+    """Whether any of ``[addr, addr + length)`` is registered in missing-page mode by this process."""
+    with _missing_lock:
+        return any(lo < addr + length and addr < hi for lo, hi in _missing.values())
+
+
 def span(region: Region) -> tuple[int, int]:
     """``(address, length)`` of the region rounded up to whole system pages."""
     addr = module().address_of(region.view)
@@ -125,7 +162,7 @@ def region_reason(region: Region) -> str | None:
         return f"its length {region.nbytes} is not a multiple of the system page ({SYSTEM_PAGE})"
     if region._mapping is not None:
         return None  # Region.allocate: private anonymous by construction
-    reason = _anonymous_private(addr, addr + -(-region.nbytes // SYSTEM_PAGE) * SYSTEM_PAGE)
+    reason = anonymous_private(addr, addr + -(-region.nbytes // SYSTEM_PAGE) * SYSTEM_PAGE)
     if reason is not None:
         return f"its buffer ({type(region.obj).__name__}): {reason}"
     return None
