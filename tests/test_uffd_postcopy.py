@@ -80,7 +80,7 @@ def source_result(proc: subprocess.Popen[str]) -> dict[str, Any]:
 
 def reads(received: migcore.Received, pages: list[int]) -> dict[str, Any]:
     """What a program does at once, without ensure(): plain indexing and a NumPy reduction."""
-    assert received._uffd is not None, "transparent post-copy was not used"
+    assert received.transparent, "transparent post-copy was not used"
     arr = received.region.array()
     ps = received.region.page_size
     return {
@@ -165,6 +165,13 @@ def test_link_cut_after_switch_leaves_an_unregistered_usable_region() -> None:
     received = rx.received
     assert received is not None
     assert received.missing_pages > 0
+    nbytes, ps = received.region.nbytes, received.region.page_size
+    assert received.missing_in(0, nbytes) == received.missing_pages
+    owed = [p for p in range(received.region.npages) if received.missing_in(p * ps, 1)]
+    assert len(owed) == received.missing_pages
+    assert received.missing_in(owed[0] * ps, 2 * ps) >= 1 and received.missing_in(0, 0) == 0
+    with pytest.raises(ValueError, match="outside"):
+        received.missing_in(nbytes - 1, 2)
     # every page is readable without blocking (the owed ones as zeros) and writable
     arr = received.region.array()
     int(arr.sum(dtype=np.uint64))
@@ -180,11 +187,11 @@ def test_guarded_bytearray_regions_use_the_python_receiver(monkeypatch: pytest.M
     guards = GuardedAllocations().install(monkeypatch)
     region = source_region(2 * MIB, seed=9)
     with migcore.listen("tcp://127.0.0.1:0", timeout=20) as listener:
-        rx = Receiver(listener, then=lambda r: r._uffd)
+        rx = Receiver(listener, then=lambda r: r.transparent)
         proc = spawn_source(listener.address, region.nbytes, 9, mode="postcopy")
         rx.join(60)
         assert source_result(proc)["status"] == "completed"
-    assert rx.error is None and rx.result is None
+    assert rx.error is None and rx.result is False
     assert rx.received is not None and bytes(rx.received.region.view) == bytes(region.view)
     assert guards.guards_intact()
     assert _destination._allocate_region is guards

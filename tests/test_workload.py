@@ -329,3 +329,16 @@ def test_fill_extremes(fraction: float) -> None:
     fill(region, random_fraction=fraction, seed=1)
     nonzero = changed_pages(np.zeros(region.nbytes, np.uint8), region)
     assert len(nonzero) == round(fraction * region.npages)
+
+
+@pytest.mark.parametrize("write_zeros", [False, True])
+def test_fill_of_an_allocated_region_zeroes_what_was_there(write_zeros: bool) -> None:
+    """Old bytes go either way; only whether the zero pages hold memory differs (checked in test_residency)."""
+    region = Region.allocate(64 * PS + 100, PS)
+    region.array()[:] = 9
+    pages = fill(region, random_fraction=0.25, seed=3, write_zeros=write_zeros)
+    nonzero = changed_pages(np.zeros(region.nbytes, np.uint8), region)
+    assert nonzero.tolist() == pages.tolist()
+    reference = Region(bytearray(64 * PS + 100), PS)
+    fill(reference, random_fraction=0.25, seed=3)
+    assert bytes(reference.view) == bytes(region.view)

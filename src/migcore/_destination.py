@@ -535,6 +535,21 @@ class Received:
         with self._cond:
             return self._missing_count
 
+    @property
+    def transparent(self) -> bool:
+        """True when owed pages arrive on first touch (userfaultfd); False when the program calls :meth:`ensure`."""
+        return self._uffd is not None
+
+    def missing_in(self, offset: int, length: int) -> int:
+        """How many pages of bytes ``[offset, offset + length)`` are still owed by the source (0: all present)."""
+        if offset < 0 or length < 0 or offset + length > self.region.nbytes:
+            raise ValueError(f"byte range [{offset}, {offset + length}) outside the region's {self.region.nbytes} bytes")
+        if length == 0 or self._missing is None:
+            return 0
+        ps = self.region.page_size
+        with self._cond:
+            return count_bits_in(self._missing, offset // ps, (offset + length - 1) // ps + 1)
+
     def _start_postcopy(self, dest: Destination, owed: U64, digest: bytes) -> None:
         """Take over the connection after the POSTCOPY frame: confirm, then receive in the background."""
         self._dest = dest

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import mmap
 import threading
 import time
 from dataclasses import dataclass
@@ -78,12 +79,19 @@ def fill(
     seed: int = 0,
     page_size: int = 4096,
     chunk_pages: int = 4096,
+    write_zeros: bool = False,
 ) -> NDArray[np.intp]:
     """Fill a ``random_fraction`` of the region's pages with random bytes; zero the rest.
 
     Which pages are random, and their bytes, depend only on ``seed``. Returns
     the sorted indices of the random pages. Works in chunks of
     ``chunk_pages`` so it never holds a second copy of the region.
+
+    A region from ``Region.allocate`` is zeroed by giving its memory back
+    (``MADV_DONTNEED``), so its zero pages hold no memory, as in a program
+    whose large allocation is only partly used; ``write_zeros`` writes the
+    zeros instead, so every page is backed by memory (the harder case for a
+    zero scan).
     """
     if not 0.0 <= random_fraction <= 1.0:
         raise ValueError(f"random_fraction must be in [0, 1], got {random_fraction}")
@@ -92,7 +100,11 @@ def fill(
     nrandom = round(random_fraction * region.npages)
     pages = np.sort(rng.choice(region.npages, size=nrandom, replace=False)).astype(np.intp)
     arr = region.array()
-    arr[:] = 0
+    mapping = region._mapping
+    if mapping is not None and not write_zeros:
+        mapping.madvise(mmap.MADV_DONTNEED)  # private anonymous: reads as zeros, holds no memory
+    else:
+        arr[:] = 0
     ps = region.page_size
     nfull = region.nbytes // ps
     full = _full_pages_u8(region)

@@ -13,8 +13,9 @@ MIB = 1 << 20
 GIB = 1 << 30
 
 MODES = ("stopcopy", "precopy", "postcopy", "hybrid")
-#: Share of random (non-zero) pages per fill; the rest of the pages are zero.
-FILLS = {"random": 1.0, "sparse": 0.1}
+#: Per fill: the share of random (non-zero) pages, and whether the zero pages are written (backed by
+#: memory) rather than left untouched (no memory behind them, as in a partly used allocation).
+FILLS: dict[str, tuple[float, bool]] = {"random": (1.0, False), "sparse": (0.1, False), "sparse-written": (0.1, True)}
 
 #: Dirty rates of the main sweep, as fractions of the measured bare-socket bandwidth.
 DEFAULT_RATES: tuple[float, ...] = (0.0, 0.05, 0.1, 0.25, 0.45, 1.0, 2.0)
@@ -154,6 +155,8 @@ def build_grid(
                 for mode in ("precopy", "hybrid")
             ]
         grid += [Scenario(main[0], m, fill="sparse", tags=(f"{m}-sparse",)) for m in ("stopcopy", "precopy", "postcopy")]
+        # the same zeros, written: every page has memory behind it, so the zero scan must read them all
+        grid += [Scenario(main[0], "stopcopy", fill="sparse-written", tags=("stopcopy-sparse-written",))]
         scaling = [64 * MIB, 256 * MIB, GIB] + ([2 * GIB, 4 * GIB] if profile == "full" else [])
         for s in scaling:
             for m in ("stopcopy", "postcopy"):

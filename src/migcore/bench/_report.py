@@ -114,7 +114,7 @@ def target_table(targets: list[TargetResult]) -> Table:
     table = Table(title="targets (loopback)")
     for col in ("target", "goal", "measured", "result"):
         table.add_column(col)
-    colour = {"PASS": "green", "FAIL": "red", "n/a": "yellow"}
+    colour = {"PASS": "green", "FAIL": "red", "n/a": "yellow", "info": "cyan"}
     for t in targets:
         table.add_row(t.name, t.goal, t.measured, f"[{colour[t.verdict]}]{t.verdict}[/]")
     return table

@@ -83,9 +83,10 @@ class DestinationProcess:
 
 
 def prepare_region(size: int, fill: str, seed: int) -> Region:
-    """A fresh region of ``size`` bytes, filled per ``fill`` (``random``: every page, ``sparse``: 10%)."""
+    """A fresh region of ``size`` bytes, filled per ``fill`` (``random``: every page, ``sparse*``: 10%)."""
     region = Region.allocate(size)
-    _workload.fill(region, random_fraction=FILLS[fill], seed=seed)
+    fraction, write_zeros = FILLS[fill]
+    _workload.fill(region, random_fraction=fraction, seed=seed, write_zeros=write_zeros)
     return region
 
 

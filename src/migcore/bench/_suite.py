@@ -20,7 +20,7 @@ from migcore.bench._grid import Rate
 log = logging.getLogger("migcore.bench")
 
 #: Scenarios behind a target run this many times (the best run counts, like the baselines).
-TARGET_TAGS = ("stopcopy-random", "stopcopy-sparse", "postcopy-scaling")
+TARGET_TAGS = ("stopcopy-random", "stopcopy-sparse", "stopcopy-sparse-written", "postcopy-scaling")
 
 
 @dataclass(frozen=True)
