@@ -279,6 +279,46 @@ def postcopy_switch(f: Forged, owed_pages: list[int]) -> None:
 
 
 @pytest.mark.parametrize(
+    ("frame", "pattern"),
+    [
+        (P.encode_header(P.Frame.POSTCOPY, count=0, length=24) + bytes(24), "POSTCOPY"),
+        (P.encode_header(P.Frame.POSTCOPY, count=3, length=40) + bytes(40), "bitmap of 3 words"),
+        (P.encode_header(P.Frame.POSTCOPY, count=1, length=16) + bytes(16), "POSTCOPY"),
+        (P.encode_header(P.Frame.POSTCOPY, count=0, length=1 << 40), "POSTCOPY"),
+    ],
+    ids=["no-bitmap-but-bytes", "wrong-words", "bitmap-missing", "oversized"],
+)
+def test_malformed_postcopy_switch_is_rejected(monkeypatch: pytest.MonkeyPatch, frame: bytes, pattern: str) -> None:
+    def script(f: Forged) -> str:
+        f.hello(mode="postcopy")
+        f.send(P.encode_header(P.Frame.STATE, length=1) + b"s")
+        f.send(frame)
+        return expect_error_frame(f, P.ErrorCode.PROTOCOL)
+
+    err, _, message = serve_forged(monkeypatch, script, migcore.ProtocolError)
+    assert pattern in str(err) and pattern in message
+
+
+def test_postcopy_switch_without_a_bitmap_owes_every_page() -> None:
+    with migcore.listen("tcp://127.0.0.1:0", timeout=TIMEOUT) as listener:
+        rx = Receiver(listener, wait=False, timeout=TIMEOUT)
+        f = Forged(listener.address)
+        try:
+            f.hello(mode="postcopy")
+            f.send(P.encode_header(P.Frame.STATE, length=1) + b"s")
+            f.send(P.encode_postcopy(b"\0" * 16, None))
+            header, _ = f.read_frame()
+            assert header is not None and header.type is P.Frame.SWITCHED
+            rx.join()
+            assert rx.received is not None
+            npages = rx.received.region.npages
+            assert rx.received.missing_pages == npages
+            assert rx.received.missing_in(0, rx.received.region.nbytes) == npages
+        finally:
+            f.close()
+
+
+@pytest.mark.parametrize(
     ("after_switch", "pattern"),
     [
         (P.encode_header(P.Frame.COMPLETE, length=16) + b"\0" * 16, "unexpected COMPLETE frame during post-copy"),

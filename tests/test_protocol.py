@@ -178,6 +178,17 @@ def test_postcopy_frame() -> None:
         P.decode_postcopy(raw[P.HEADER_SIZE :], 200)
 
 
+@pytest.mark.parametrize("npages", [1, 63, 64, 65, 128, 1000])
+def test_postcopy_frame_owing_every_page_has_no_bitmap(npages: int) -> None:
+    raw = P.encode_postcopy(b"d" * 16, None)
+    h = P.decode_header(raw[: P.HEADER_SIZE])
+    assert h.count == 0 and h.length == 16 and len(raw) == P.HEADER_SIZE + 16
+    digest, owed = P.decode_postcopy(raw[P.HEADER_SIZE :], npages)
+    assert digest == b"d" * 16
+    bits = np.unpackbits(owed.view(np.uint8), bitorder="little")
+    assert len(owed) == -(-npages // 64) and bits[:npages].all() and not bits[npages:].any()
+
+
 def test_table_digest_changes_with_any_page() -> None:
     t = np.arange(100, dtype=np.uint64)
     d = P.table_digest(t)

@@ -434,9 +434,10 @@ class Destination:
                 if not hello.features & P.FEATURE_POSTCOPY:
                     raise ProtocolError(f"POSTCOPY switchover in a {hello.mode} migration that did not ask for post-copy")
                 words = (region.npages + 63) // 64
-                if header.count != words:
-                    raise ProtocolError(f"POSTCOPY bitmap of {header.count} words, expected {words}")
-                body = self.read_body(header, P.DIGEST_SIZE + 8 * words, "reading POSTCOPY", exact=P.DIGEST_SIZE + 8 * words)
+                if header.count not in (0, words):  # 0: no bitmap, every page is owed
+                    raise ProtocolError(f"POSTCOPY bitmap of {header.count} words, expected {words} (or none)")
+                size = P.DIGEST_SIZE + 8 * header.count
+                body = self.read_body(header, size, "reading POSTCOPY", exact=size)
                 digest, owed = P.decode_postcopy(body, region.npages)
                 assert state is not None
                 self.join_streams(rnd)

@@ -6,7 +6,7 @@ Every frame starts with a fixed 16-byte little-endian header::
 
 ``count`` is a small integer whose meaning depends on the type (runs in a
 PAGES or DEMAND frame, the round number of ROUND_END/ACK, the bitmap words of
-POSTCOPY); ``length`` is the number of bytes that follow the header, except
+POSTCOPY, 0 when every page is owed); ``length`` is the number of bytes that follow the header, except
 for PAGES, where ``count`` rows of runs (16 bytes each) come first and
 ``length`` counts only the page payload after them. Every length is checked
 against a limit before anything is allocated or read, and a runs table is
@@ -31,6 +31,7 @@ Frames, in order (S = source, D = destination)::
     S COMPLETE  digest of the source's final hash table   D DONE   (or ERROR)
   or
     S POSTCOPY  digest + bitmap of the pages still owed   D SWITCHED
+                (no bitmap, count 0: every page is owed, as in pure post-copy)
     S PAGES*    owed pages (background)   D DEMAND* runs wanted now
     S END                                 D DONE   (or ERROR)
 
@@ -53,7 +54,8 @@ from migcore._errors import CompatibilityError, ProtocolError
 MAGIC = b"MIGC"
 #: 2: token authentication, streams and codec in HELLO, compressed and delta PAGES.
 #: 3: post-copy zero notices (PAGES with FLAG_ZERO).
-PROTOCOL_VERSION = 3
+#: 4: POSTCOPY without a bitmap (count 0) when every page is owed.
+PROTOCOL_VERSION = 4
 
 HEADER = struct.Struct("<BBHIQ")
 HEADER_SIZE = HEADER.size  # 16
@@ -416,13 +418,34 @@ def runs_payload(runs: NDArray[np.uint64], page_size: int, nbytes: int) -> int:
 # -- post-copy switchover --------------------------------------------------
 
 
-def encode_postcopy(digest: bytes, owed: NDArray[np.uint64]) -> bytes:
+def encode_postcopy(digest: bytes, owed: NDArray[np.uint64] | None) -> bytes:
+    """POSTCOPY with the owed bitmap, or (``owed=None``) with none: every page is owed.
+
+    Without the bitmap the frame's size, and the work of the pause on both
+    ends, do not grow with the region.
+    """
+    if owed is None:
+        return encode_header(Frame.POSTCOPY, count=0, length=len(digest)) + digest
     body = digest + np.ascontiguousarray(owed, dtype="<u8").tobytes()
     return encode_header(Frame.POSTCOPY, count=len(owed), length=len(body)) + body
 
 
+def all_owed(npages: int) -> NDArray[np.uint64]:
+    """The owed bitmap of a POSTCOPY frame without one: every page, no bit past the last."""
+    words = (npages + 63) // 64
+    owed = np.full(words, np.uint64(0xFFFF_FFFF_FFFF_FFFF), dtype=np.uint64)
+    if npages % 64:
+        owed[-1] = np.uint64((1 << (npages % 64)) - 1)
+    return owed
+
+
 def decode_postcopy(body: bytes | bytearray, npages: int) -> tuple[bytes, NDArray[np.uint64]]:
-    """Digest and owed bitmap of a POSTCOPY frame; bits past the last page must be clear."""
+    """Digest and owed bitmap of a POSTCOPY frame; bits past the last page must be clear.
+
+    A body holding only the digest owes every page.
+    """
+    if len(body) == DIGEST_SIZE:
+        return bytes(body), all_owed(npages)
     words = (npages + 63) // 64
     if len(body) != DIGEST_SIZE + 8 * words:
         raise ProtocolError(f"POSTCOPY body is {len(body)} bytes, expected {DIGEST_SIZE + 8 * words}")

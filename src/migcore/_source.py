@@ -402,7 +402,7 @@ class Source:
         return dirty, zero_page_hashes(region), count
 
     def all_pages(self) -> tuple[U64, int]:
-        """During the pause of a pure post-copy: every page is owed, nothing is read.
+        """Just before the pause of a pure post-copy: every page is owed, nothing is read.
 
         The zero pages among them are found batch by batch during the push
         and announced with zero notices; the hash table (zero-page hashes,
@@ -636,18 +636,19 @@ class Source:
 
     def switch(self, baseline: U64, *, postcopy: bool, first: bool) -> None:
         """Pause, send what is left (or the owed list) and the state, and wait for the destination's commit."""
-        self.do_pause()
         # nothing sent yet (stop-and-copy, pure post-copy): hash each page as it goes, not all at the pause
         lazy = table = None
         deferred = first and postcopy
         if deferred:
-            # pure post-copy: owe every page, find the zero ones lazily as the push reaches them (the
-            # pause does not scan the region, so the downtime does not grow with it)
+            # pure post-copy: owe every page, find the zero ones lazily as the push reaches them; the
+            # owed list is known before the pause and goes as "every page" (no bitmap), so nothing in
+            # the pause grows with the region
             dirty, count = self.all_pages()
-        elif first:
+        self.do_pause()
+        if first and not deferred:
             dirty, lazy, count = self.nonzero_pass()
             self.stats.zero_pages = self.region.npages - count
-        else:
+        elif not first:
             dirty, table, count = self.final_pass(baseline)
         if not postcopy:
             self.send_bitmap(dirty, phase="stop-and-copy", hash_into=lazy)
@@ -670,7 +671,7 @@ class Source:
             self.await_switch(P.Frame.DONE, "waiting for the destination to commit")
             self.finish_ok()
             return
-        self.send_frame(P.encode_postcopy(digest, dirty), "sending POSTCOPY")
+        self.send_frame(P.encode_postcopy(digest, None if deferred else dirty), "sending POSTCOPY")
         self.await_switch(P.Frame.SWITCHED, "waiting for the destination to switch to post-copy")
         self.stats.downtime = time.monotonic() - (self.paused_at or time.monotonic())
         if deferred:  # after the switch, not in the pause: the table of a zero region, hashed into as pages go

@@ -101,6 +101,16 @@ def release(region: Region) -> None:
         pass
 
 
+#: Seconds to let the machine settle after giving back a region, per GiB (the kernel frees and
+#: reclaims behind our back; the next run's millisecond downtimes should not pay for it).
+SETTLE_PER_GIB = 0.5
+
+
+def settle(nbytes: int) -> None:
+    """Wait a moment after releasing ``nbytes`` on both sides, in proportion to their size."""
+    time.sleep(min(3.0, SETTLE_PER_GIB * nbytes / (1 << 30)))
+
+
 def page_table(region: Region) -> np.ndarray[Any, np.dtype[np.uint64]]:
     table = np.empty(region.npages, dtype=np.uint64)
     _kernels.hash_pages(region.view, region.page_size, table)
@@ -254,6 +264,7 @@ def run_scenario(
         answer = _await_destination(dest, failed=bool(error))
     finally:
         release(region)
+        settle(scenario.size)
     if not answer.get("ok"):
         error = error or f"destination: {answer.get('error')}"
     verified = bool(
