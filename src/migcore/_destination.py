@@ -135,6 +135,7 @@ class Destination:
         self.codec: _codecs.Codec | None = None
         self.region: Region | None = None
         self.table: U64 | None = None
+        self.owed: U64 | None = None
         self.hello: P.Hello | None = None
         self.stats = StatsRecorder(mode="", tracker="", migration_id="", page_size=0, total_bytes=0)
         #: Whether any frame has written into the region yet (post-copy's register step needs it).
@@ -233,6 +234,8 @@ class Destination:
             if self.region.nbytes != hello.nbytes or self.region.page_size != hello.page_size:
                 raise MigrationError("allocated region does not match the HELLO")
             self.table = zero_page_hashes(self.region)
+            # the owed bitmap of a post-copy switch, allocated and touched now rather than in the pause
+            self.owed = P.all_owed(self.region.npages) if hello.features & P.FEATURE_POSTCOPY else None
             if self.streams is not None:
                 self.streams.start()  # only now: their pages need the region
             self.stats.setup_time = time.monotonic() - self.stats.started
@@ -438,7 +441,7 @@ class Destination:
                     raise ProtocolError(f"POSTCOPY bitmap of {header.count} words, expected {words} (or none)")
                 size = P.DIGEST_SIZE + 8 * header.count
                 body = self.read_body(header, size, "reading POSTCOPY", exact=size)
-                digest, owed = P.decode_postcopy(body, region.npages)
+                digest, owed = P.decode_postcopy(body, region.npages, out=self.owed)
                 assert state is not None
                 self.join_streams(rnd)
                 received = Received(region, state, self.stats, hello.mode)

@@ -439,21 +439,33 @@ def all_owed(npages: int) -> NDArray[np.uint64]:
     return owed
 
 
-def decode_postcopy(body: bytes | bytearray, npages: int) -> tuple[bytes, NDArray[np.uint64]]:
+def decode_postcopy(
+    body: bytes | bytearray, npages: int, out: NDArray[np.uint64] | None = None
+) -> tuple[bytes, NDArray[np.uint64]]:
     """Digest and owed bitmap of a POSTCOPY frame; bits past the last page must be clear.
 
-    A body holding only the digest owes every page.
+    A body holding only the digest owes every page. ``out`` (``(npages + 63)
+    // 64`` words) receives the bitmap, so a receiver can allocate and touch
+    it before the pause; it is returned as the bitmap.
     """
-    if len(body) == DIGEST_SIZE:
-        return bytes(body), all_owed(npages)
     words = (npages + 63) // 64
+    if out is None:
+        out = np.empty(words, dtype=np.uint64)
+    elif out.shape != (words,) or out.dtype != np.uint64:
+        raise ValueError(f"out must be {words} uint64 words")
+    if len(body) == DIGEST_SIZE:
+        out[:] = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
+        if npages % 64:
+            out[-1] = np.uint64((1 << (npages % 64)) - 1)
+        return bytes(body), out
     if len(body) != DIGEST_SIZE + 8 * words:
         raise ProtocolError(f"POSTCOPY body is {len(body)} bytes, expected {DIGEST_SIZE + 8 * words}")
-    owed = np.frombuffer(body, dtype="<u8", offset=DIGEST_SIZE).astype(np.uint64)
+    owed = np.frombuffer(body, dtype="<u8", offset=DIGEST_SIZE)
     tail = npages % 64
     if tail and int(owed[-1]) >> tail:
         raise ProtocolError("POSTCOPY owes pages past the end of the region")
-    return bytes(body[:DIGEST_SIZE]), owed
+    out[:] = owed
+    return bytes(body[:DIGEST_SIZE]), out
 
 
 def table_digest(table: NDArray[np.uint64]) -> bytes:
