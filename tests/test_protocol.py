@@ -189,6 +189,17 @@ def test_postcopy_frame_owing_every_page_has_no_bitmap(npages: int) -> None:
     assert len(owed) == -(-npages // 64) and bits[:npages].all() and not bits[npages:].any()
 
 
+def test_postcopy_decodes_into_a_given_bitmap() -> None:
+    out = np.full(2, np.uint64(7))
+    owed = np.array([0b1011, 1 << 3], dtype=np.uint64)
+    digest, back = P.decode_postcopy(P.encode_postcopy(b"d" * 16, owed)[P.HEADER_SIZE :], 68, out=out)
+    assert back is out and np.array_equal(out, owed)
+    _, back = P.decode_postcopy(P.encode_postcopy(b"d" * 16, None)[P.HEADER_SIZE :], 68, out=out)
+    assert back is out and out.tolist() == [2**64 - 1, 0b1111]
+    with pytest.raises(ValueError, match="words"):
+        P.decode_postcopy(P.encode_postcopy(b"d" * 16, None)[P.HEADER_SIZE :], 200, out=out)
+
+
 def test_table_digest_changes_with_any_page() -> None:
     t = np.arange(100, dtype=np.uint64)
     d = P.table_digest(t)
