@@ -77,3 +77,30 @@ def test_quick_bench_rows_are_verified_and_described(
     assert post and all(r["postcopy_pages"] == r["nonzero_pages"] for r in post)
     snippet = (out / "README-performance.md").read_text()
     assert "migcore bench --quick" in snippet and "| target |" in snippet
+    # the stop-and-copy target runs carry a bare send taken just before each of them
+    paired = [r for r in runs if r["mode"] == "stopcopy" and not r["options"]]
+    assert paired and all(r["paired_bare_throughput"] > 0 and r["paired_ratio"] > 0 for r in paired)
+    for r in paired:
+        assert abs(r["paired_ratio"] - r["throughput"] / r["paired_bare_throughput"]) < 1e-9
+
+
+def _row(fill: str, throughput: float, paired: float | None = None) -> dict[str, object]:
+    row: dict[str, object] = {
+        "status": "completed", "options": {}, "mode": "stopcopy", "fill": fill, "target_rate": 0.0,
+        "size": 256 << 20, "throughput": throughput,
+    }
+    if paired is not None:
+        row["paired_ratio"] = paired
+    return row
+
+
+def test_stopcopy_target_prefers_the_paired_baseline() -> None:
+    from migcore.bench import _targets
+
+    bare = [{"baseline": "bare_sendall", "size": 256 << 20, "throughput": 2.0}]
+    runs = [_row("sparse", 9.0, paired=5.5), _row("sparse", 10.0, paired=4.0)]
+    result = _targets._stopcopy(runs, bare, "sparse", 5.0)
+    assert result.passed is True and result.measured.startswith("5.50x") and "5.00x against the best bare" in result.measured
+    unpaired = _targets._stopcopy([_row("random", 1.5)], bare, "random", 0.8)
+    assert unpaired.passed is False and unpaired.measured.startswith("0.75x")
+    assert _targets._stopcopy([], bare, "random", 0.8).passed is None

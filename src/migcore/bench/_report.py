@@ -20,7 +20,8 @@ MIB = 1 << 20
 RUN_COLUMNS = (
     "scenario", "rep", "size", "fill", "mode", "pattern", "rate_fraction", "target_rate", "dirty_rate",
     "dirty_fraction", "options", "status", "verified", "engine_verified", "error", "total_time", "downtime",
-    "setup_time", "rounds", "transferred_bytes", "wire_ratio", "throughput", "normal_pages", "zero_pages",
+    "setup_time", "rounds", "transferred_bytes", "wire_ratio", "throughput", "paired_bare_throughput",
+    "paired_ratio", "normal_pages", "zero_pages",
     "nonzero_pages", "npages", "postcopy_pages", "postcopy_requests", "faults", "fault_hits", "fault_p50",
     "fault_p99", "src_cpu", "src_migration_cpu", "workload_cpu", "dst_cpu", "src_peak_rss", "src_base_rss",
     "src_overhead_rss", "dst_peak_rss", "dst_base_rss", "dst_overhead_rss", "dst_complete_time",

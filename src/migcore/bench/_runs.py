@@ -213,8 +213,14 @@ def run_scenario(
     seed: int,
     warmup: float,
     fault_samples: int,
+    paired: bool = False,
 ) -> dict[str, Any]:
-    """Migrate a live region per ``scenario`` to the destination process; one result row."""
+    """Migrate a live region per ``scenario`` to the destination process; one result row.
+
+    With ``paired``, a bare ``sendall`` of as many bytes (from a region of its
+    own, freed before the migration starts) runs just before it, so the row
+    also holds a ratio to a baseline taken a moment apart (``paired_ratio``).
+    """
     rate = scenario.rate.resolve(bandwidth)
     options = {k: option_value(migcore.migrate, k, bandwidth) if v == "auto" else v for k, v in scenario.options}
     row: dict[str, Any] = {
@@ -230,6 +236,13 @@ def run_scenario(
         "bare_bandwidth": bandwidth,
         "started_at": time.time(),
     }
+    if paired:
+        other = Region.allocate(scenario.size)
+        try:
+            other.array().fill(0xA5)  # backed by memory, like the data sent by the baselines
+            row["paired_bare_throughput"] = _plain_send(dest, "bare", other)["throughput"]
+        finally:
+            release(other)
     region = prepare_region(scenario.size, scenario.fill, seed)
     try:
         _resources.reset_peak()
@@ -295,6 +308,10 @@ def run_scenario(
             "nonzero_pages": nonzero,
             "npages": -(-scenario.size // 4096),
             "throughput": scenario.size / stats.total_time if stats else float("nan"),
+            "paired_ratio": (
+                scenario.size / stats.total_time / row["paired_bare_throughput"]
+                if stats and "paired_bare_throughput" in row else float("nan")
+            ),
             "dirty_rate": achieved,
             "dirty_fraction": achieved / bandwidth if bandwidth else float("nan"),
             "src_cpu": cpu,

@@ -21,6 +21,8 @@ log = logging.getLogger("migcore.bench")
 
 #: Scenarios behind a target run this many times (the best run counts, like the baselines).
 TARGET_TAGS = ("stopcopy-random", "stopcopy-sparse", "stopcopy-sparse-written", "postcopy-scaling")
+#: Target scenarios whose every run is paired with a bare send just before it (ratios taken seconds apart).
+PAIRED_TAGS = ("stopcopy-random", "stopcopy-sparse", "stopcopy-sparse-written")
 
 
 @dataclass(frozen=True)
@@ -74,10 +76,11 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> dict[str, 
             results["baselines"] += rows
             bandwidth[size] = next(r["throughput"] for r in rows if r["baseline"] == "bare_sendall")
         for i, (scenario, rep) in enumerate(plan, 1):
+            pair = not scenario.options and bool(set(scenario.tags) & set(PAIRED_TAGS))
             with console.status(f"[{i}/{len(plan)}] {scenario.name}"):
                 row = _runs.run_scenario(
                     dest, scenario, bandwidth=bandwidth[scenario.size], seed=config.seed,
-                    warmup=config.warmup, fault_samples=config.fault_samples,
+                    warmup=config.warmup, fault_samples=config.fault_samples, paired=pair,
                 )
             row["rep"] = rep
             row["seed"] = config.seed
