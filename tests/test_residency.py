@@ -189,8 +189,7 @@ def test_whole_region_kernels_give_the_same_answers_with_and_without(
 )
 def test_sparse_region_migrates_exactly_while_untouched_pages_get_written(mode: str, tracker: str) -> None:
     """A live writer turns pages with no memory behind them into written ones while the rounds run."""
-    import migcore
-    from _live import Receiver, Writer
+    from _modes import migrate_live
 
     region = Region.allocate((16 << 20) + 1000, PS)  # partial last page
     fill(region, random_fraction=0.05, seed=7)
@@ -198,23 +197,11 @@ def test_sparse_region_migrates_exactly_while_untouched_pages_get_written(mode: 
     arr[100 * PS : 102 * PS] = 0  # written zeros: memory behind them
     resident = _residency.resident_pages(region)
     assert resident is not None and int(_kernels.count_bits(resident)) < region.npages // 4
-    writer = Writer(region, seed=8, random_pages=3, flip_pages=4).start()
     kw = {"max_rounds": 4, "on_stall": "postcopy"} if mode == "hybrid" else {}
-    with migcore.listen("tcp://127.0.0.1:0", timeout=20) as listener:
-        rx = Receiver(listener)
-        try:
-            stats = migcore.migrate(
-                region, listener.address, mode=mode, tracker=tracker, timeout=20, pause=writer.pause, state=b"s", **kw
-            )
-        finally:
-            writer.stop()
-        rx.join()
-    assert rx.error is None, rx.error
-    assert rx.received is not None and writer.snapshot is not None
-    assert bytes(rx.received.region.view) == writer.snapshot
-    assert stats.verified and rx.received.stats.verified
-    nonzero = sum(
-        1 for i in range(region.npages) if any(writer.snapshot[i * PS : (i + 1) * PS])
+    stats, received = migrate_live(
+        region=region, mode=mode, tracker=tracker, writer_kw={"random_pages": 3, "flip_pages": 4}, **kw
     )
+    snapshot = bytes(received.region.view)  # equal to the paused source (checked by migrate_live)
+    nonzero = sum(1 for i in range(region.npages) if any(snapshot[i * PS : (i + 1) * PS]))
     if mode == "stopcopy":
         assert stats.normal_pages == nonzero and stats.zero_pages == region.npages - nonzero
