@@ -165,6 +165,10 @@ class Destination:
             field, reason = refusal
             self.conn.abort_soon(P.encode_refuse(field, reason))
             raise CompatibilityError(f"refused the source's migration ({field}): {reason}", field=field)
+        return hello
+
+    def accept(self, hello: P.Hello) -> None:
+        """ACCEPT, once the region and the tables are ready: the source may pause right after it."""
         self.conn.send_all(
             P.encode_accept(
                 P.Accept(
@@ -181,7 +185,6 @@ class Destination:
         if hello.streams > 1:
             assert self.accept_stream is not None
             self.streams = accept_streams(self, self.accept_stream, hello, self.opts.token)
-        return hello
 
     def check(self, hello: P.Hello) -> tuple[str, str] | None:
         """The first pre-migration check that fails, as ``(field, reason)``; None when all pass."""
@@ -236,6 +239,8 @@ class Destination:
             self.table = zero_page_hashes(self.region)
             # the owed bitmap of a post-copy switch, allocated and touched now rather than in the pause
             self.owed = P.all_owed(self.region.npages) if hello.features & P.FEATURE_POSTCOPY else None
+            # only now: a source that pauses at once (stop-and-copy, post-copy) must not wait on these
+            self.accept(hello)
             if self.streams is not None:
                 self.streams.start()  # only now: their pages need the region
             self.stats.setup_time = time.monotonic() - self.stats.started
