@@ -32,7 +32,7 @@ def bits(bitmap: np.ndarray, n: int) -> np.ndarray:
 
 
 def scan_works() -> bool:
-    return _residency._pagemap_scan_mode() is not None
+    return _residency._method() in ("scan", "scan+pfnzero")
 
 
 @pytest.fixture
@@ -51,7 +51,7 @@ def test_untouched_written_discarded_and_read_pages(region: Region) -> None:
     assert resident is not None
     got = np.flatnonzero(bits(resident, region.npages)).tolist()
     expected = [0, 63, 64, 65, 100, 101, 2047]
-    if scan_works() and _residency._pagemap_scan_mode():
+    if _residency._method() == "scan+pfnzero":
         assert got == expected  # PAGE_IS_PFNZERO: pages that were only read do not count
     else:
         assert set(expected) <= set(got) and set(got) <= set(expected) | set(range(200, 300))
@@ -205,3 +205,19 @@ def test_sparse_region_migrates_exactly_while_untouched_pages_get_written(mode: 
     nonzero = sum(1 for i in range(region.npages) if any(snapshot[i * PS : (i + 1) * PS]))
     if mode == "stopcopy":
         assert stats.normal_pages == nonzero and stats.zero_pages == region.npages - nonzero
+
+
+def test_a_page_map_that_reports_nothing_is_not_trusted(monkeypatch: pytest.MonkeyPatch, region: Region) -> None:
+    """An emulated pagemap answering "nothing resident" would turn data into zeros: the probe refuses it."""
+    empty = lambda r, *a: np.zeros(-(-r.npages // 64), np.uint64)  # noqa: E731
+    monkeypatch.setattr(_residency, "_scan", empty)
+    monkeypatch.setattr(_residency, "from_pagemap", lambda r: empty(r))
+    _residency._method.cache_clear()
+    try:
+        assert _residency._method() is None
+        region.array()[:PS] = 1
+        assert _residency.resident_pages(region) is None
+    finally:
+        monkeypatch.undo()
+        _residency._method.cache_clear()
+    assert _residency._method() is not None  # the real page map passes the probe

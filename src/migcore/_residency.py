@@ -23,7 +23,9 @@ a non-present page is certainly zero:
   use reads the region either while it is paused, or in a pre-copy round
   whose later rounds (and final pass, paused) see the page again.
 
-Set ``MIGCORE_RESIDENCY=0`` in the environment to read every page anyway.
+Before it is trusted, each way of asking is checked once on a probe mapping
+(a written page must count, an untouched one must not). Set
+``MIGCORE_RESIDENCY=0`` in the environment to read every page anyway.
 """
 
 from __future__ import annotations
@@ -71,26 +73,44 @@ def region_reason(region: Region) -> str | None:
 
 
 @functools.lru_cache(maxsize=1)
-def _pagemap_scan_mode() -> bool | None:
-    """What PAGEMAP_SCAN does here: True (with PAGE_IS_PFNZERO), False (without), None (not at all)."""
-    uffd = _userfault.module()
-    probe = np.zeros(1, np.uint64)
-    buf = np.ones(_userfault.SYSTEM_PAGE, np.uint8)
-    addr = uffd.address_of(buf)
+def _method() -> str | None:
+    """How to ask this kernel: ``"scan+pfnzero"``, ``"scan"``, ``"pagemap"``, or None (it cannot say).
+
+    Each way is tried on a probe mapping of three system pages (written,
+    untouched, only read) and trusted only if it reports the written page and
+    not the untouched one: an emulated or restricted pagemap that answered
+    "nothing is resident" would otherwise make real data look like zeros.
+    """
+    sp = _userfault.SYSTEM_PAGE
+    probe = Region.allocate(3 * sp, sp)
     try:
-        fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        for skip in (True, False):
+        probe.view[0] = 1
+        _ = probe.view[2 * sp]  # only read: the shared zero page
+
+        def answers(bitmap: U64 | None) -> bool:
+            if bitmap is None:
+                return False
+            got = int(bitmap[0]) & 0b111
+            return got & 0b011 == 0b001  # the written page counts, the untouched one does not
+
+        addr = _userfault.module().address_of(probe.view)
+        for name, skip in (("scan+pfnzero", True), ("scan", False)):
             try:
-                uffd.scan_resident(fd, addr, buf.nbytes, buf.nbytes, probe, skip)
+                if answers(_scan(probe, addr, skip)):
+                    return name
             except OSError:
                 continue
-            return skip
+        try:
+            if answers(from_pagemap(probe)):
+                return "pagemap"
+        except OSError as exc:
+            log.debug("residency: /proc/self/pagemap unreadable: %s", exc)
+        log.debug("residency: the kernel's page map fails the probe; every page will be read")
         return None
     finally:
-        os.close(fd)
+        probe.view.release()
+        if probe._mapping is not None:
+            probe._mapping.close()
 
 
 def _scan(region: Region, addr: int, skip_zero_pfn: bool) -> U64:
@@ -156,10 +176,12 @@ def resident_pages(region: Region) -> U64 | None:
         return None
     addr = _userfault.module().address_of(region.view)
     try:
-        mode = _pagemap_scan_mode()
-        if mode is not None:
-            return _scan(region, addr, mode)
-        return from_pagemap(region)
+        method = _method()
+        if method is None:
+            return None
+        if method == "pagemap":
+            return from_pagemap(region)
+        return _scan(region, addr, method == "scan+pfnzero")
     except OSError as exc:
         log.debug("residency: pagemap unavailable, reading every page: %s", exc)
         return None
