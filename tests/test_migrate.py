@@ -400,3 +400,22 @@ def test_public_api_names() -> None:
         if isinstance(obj, type) and issubclass(obj, Exception):
             assert issubclass(obj, migcore.MigrationError)
     assert migcore.__version__
+
+
+def test_stats_recorder_holds_every_field_of_the_snapshot() -> None:
+    """The recorder and the frozen snapshot share one field list: a field added to one only fails here."""
+    import dataclasses
+
+    from migcore._stats import MigrationStats, StatsRecorder
+
+    rec = StatsRecorder(mode="precopy", tracker="hash", migration_id="ab", page_size=4096, total_bytes=8192)
+    for f in dataclasses.fields(MigrationStats):
+        if f.name not in ("total_time", "mbps"):  # computed at the snapshot
+            assert hasattr(rec, f.name), f.name
+    rec.rounds = 3
+    rec.pages_per_round.extend([2, 1, 0])
+    rec.add_pages(2, 8192, 8300)
+    snap = rec.snapshot()
+    assert snap.rounds == 3 and snap.pages_per_round == (2, 1, 0) and snap.transferred_bytes == 8300
+    assert snap.total_bytes == 8192 and snap.remaining_bytes == 8192 and snap.mode == "precopy"
+    assert snap.total_time > 0 and snap.mbps == pytest.approx(8300 * 8 / 1e6 / snap.total_time)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 STATUSES = ("setup", "active", "postcopy-active", "completed", "failed", "cancelled")
 
@@ -129,43 +131,17 @@ class StatsRecorder:
                 self.ended = time.monotonic()
 
     def snapshot(self) -> MigrationStats:
+        """Freeze the counters: every field of :class:`MigrationStats` is read from this recorder by name."""
         with self.lock:
             now = self.ended if self.ended is not None else time.monotonic()
             total = max(now - self.started, 1e-9)
-            return MigrationStats(
-                status=self.status,
-                mode=self.mode,
-                tracker=self.tracker,
-                migration_id=self.migration_id,
-                page_size=self.page_size,
-                total_time=total,
-                setup_time=self.setup_time,
-                downtime=self.downtime,
-                expected_downtime=self.expected_downtime,
-                rounds=self.rounds,
-                transferred_bytes=self.transferred_bytes,
-                remaining_bytes=self.remaining_bytes,
-                total_bytes=self.total_bytes,
-                zero_pages=self.zero_pages,
-                normal_pages=self.normal_pages,
-                normal_bytes=self.normal_bytes,
-                dirty_pages_rate=self.dirty_pages_rate,
-                mbps=self.transferred_bytes * 8 / 1e6 / total,
-                postcopy_requests=self.postcopy_requests,
-                postcopy_pages=self.postcopy_pages,
-                pages_per_round=tuple(self.pages_per_round),
-                state_bytes=self.state_bytes,
-                throttle_percentage=self.throttle_percentage,
-                verified=self.verified,
-                error=self.error,
-                streams=self.streams,
-                compress=self.compress,
-                compress_before=self.compress_before,
-                compress_after=self.compress_after,
-                delta_hits=self.delta_hits,
-                delta_misses=self.delta_misses,
-                delta_overflow=self.delta_overflow,
-                delta_bytes_saved=self.delta_bytes_saved,
-                bandwidth_wait=self.bandwidth_wait,
-            )
+            derived: dict[str, Any] = {
+                "total_time": total,
+                "mbps": self.transferred_bytes * 8 / 1e6 / total,
+                "pages_per_round": tuple(self.pages_per_round),
+            }
+            values: dict[str, Any] = {f.name: derived[f.name] if f.name in derived else getattr(self, f.name) for f in _FIELDS}
+            return MigrationStats(**values)
 
+
+_FIELDS = dataclasses.fields(MigrationStats)
