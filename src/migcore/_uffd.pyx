@@ -740,13 +740,50 @@ cdef int _present(_Serve *s, uint64_t first, uint64_t n, uint64_t span) noexcept
     return _wake(s, s.addr + first * s.page_size, span)
 
 
+cdef int _fill(_Serve *s, uint64_t dst, const uint8_t *src, uint64_t span) noexcept nogil:
+    """Install ``span`` bytes at ``dst``: UFFDIO_COPY from ``src``, or UFFDIO_ZEROPAGE when ``src`` is NULL.
+
+    DONTWAKE (the caller wakes once the owed bits are clear); a partial
+    install is resumed where the kernel stopped, EAGAIN and EINTR retried.
+    """
+    cdef mig_uffdio_copy cp
+    cdef mig_uffdio_zeropage zp
+    cdef uint64_t done = 0
+    cdef int64_t moved
+    cdef int rc
+    while done < span:
+        if src == NULL:
+            zp.range.start = dst + done
+            zp.range.len = span - done
+            zp.mode = MIG_UFFDIO_ZEROPAGE_MODE_DONTWAKE
+            zp.zeropage = 0
+            rc = mig_ioctl(s.uffd, MIG_UFFDIO_ZEROPAGE, &zp)
+            moved = zp.zeropage
+        else:
+            cp.dst = dst + done
+            cp.src = <uint64_t>(src + done)
+            cp.len = span - done
+            cp.mode = MIG_UFFDIO_COPY_MODE_DONTWAKE
+            cp.copy = 0
+            rc = mig_ioctl(s.uffd, MIG_UFFDIO_COPY, &cp)
+            moved = cp.copy
+        if moved > 0:
+            done += <uint64_t>moved
+        if rc < 0:
+            if errno == EAGAIN or errno == EINTR:
+                continue
+            s.info[_INFO_ERRNO] = errno
+            s.where = 6 if src == NULL else 5
+            return _SERVE_OS
+    return 0
+
+
 cdef int _install_zero(_Serve *s, uint64_t count) noexcept nogil:
     """Install every page of a validated zero notice with UFFDIO_ZEROPAGE, then mark it present."""
     cdef const uint64_t *rows = <const uint64_t *>s.runs
-    cdef uint64_t i, p, first, n, span, done
+    cdef uint64_t i, p, first, n, span
     cdef uint64_t ps = s.page_size
     cdef int rc
-    cdef mig_uffdio_zeropage zp
     for i in range(count):
         first = rows[2 * i]
         n = rows[2 * i + 1]
@@ -755,22 +792,9 @@ cdef int _install_zero(_Serve *s, uint64_t count) noexcept nogil:
         span = n * ps
         if first * ps + span > s.limit:
             span = s.limit - first * ps
-        done = 0
-        while done < span:
-            zp.range.start = s.addr + first * ps + done
-            zp.range.len = span - done
-            zp.mode = MIG_UFFDIO_ZEROPAGE_MODE_DONTWAKE  # woken below, once the owed bits are clear
-            zp.zeropage = 0
-            if mig_ioctl(s.uffd, MIG_UFFDIO_ZEROPAGE, &zp) < 0:
-                if zp.zeropage > 0:
-                    done += <uint64_t>zp.zeropage
-                if errno == EAGAIN or errno == EINTR:
-                    continue
-                s.info[_INFO_ERRNO] = errno
-                s.where = 6
-                return _SERVE_OS
-            done += <uint64_t>zp.zeropage
-        rc = _present(s, first, n, span)
+        rc = _fill(s, s.addr + first * ps, NULL, span)
+        if rc == 0:
+            rc = _present(s, first, n, span)
         if rc:
             return rc
         s.info[_INFO_REMAINING] -= n
@@ -781,10 +805,9 @@ cdef int _install_zero(_Serve *s, uint64_t count) noexcept nogil:
 cdef int _install(_Serve *s, uint64_t count, uint64_t length) noexcept nogil:
     """Hash and install every page of a received PAGES frame with UFFDIO_COPY, then mark it present."""
     cdef const uint64_t *rows = <const uint64_t *>s.runs
-    cdef uint64_t i, p, first, n, off = 0, nb, span, done
+    cdef uint64_t i, p, first, n, off = 0, nb, span
     cdef uint64_t ps = s.page_size
     cdef int rc
-    cdef mig_uffdio_copy cp
     # zero padding after a partial last page, up to the next system page
     memset(s.payload + length, 0, ps)
     for i in range(count):
@@ -796,23 +819,9 @@ cdef int _install(_Serve *s, uint64_t count, uint64_t length) noexcept nogil:
         span = n * ps
         if first * ps + span > s.limit:
             span = s.limit - first * ps
-        done = 0
-        while done < span:
-            cp.dst = s.addr + first * ps + done
-            cp.src = <uint64_t>(s.payload + off + done)
-            cp.len = span - done
-            cp.mode = MIG_UFFDIO_COPY_MODE_DONTWAKE  # woken below, once the owed bits are clear
-            cp.copy = 0
-            if mig_ioctl(s.uffd, MIG_UFFDIO_COPY, &cp) < 0:
-                if cp.copy > 0:
-                    done += <uint64_t>cp.copy
-                if errno == EAGAIN or errno == EINTR:
-                    continue
-                s.info[_INFO_ERRNO] = errno
-                s.where = 5
-                return _SERVE_OS
-            done += <uint64_t>cp.copy
-        rc = _present(s, first, n, span)
+        rc = _fill(s, s.addr + first * ps, s.payload + off, span)
+        if rc == 0:
+            rc = _present(s, first, n, span)
         if rc:
             return rc
         s.info[_INFO_REMAINING] -= n
