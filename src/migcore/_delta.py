@@ -18,9 +18,9 @@ import xxhash
 from numpy.typing import NDArray
 
 from migcore import _kernels
+from migcore._region import U64
 from migcore._trackers import runs_to_pages
 
-U64 = NDArray[np.uint64]
 
 #: Default cache size (QEMU's default xbzrle-cache-size is 64 MiB too).
 DEFAULT_CACHE_BYTES = 64 << 20

@@ -31,7 +31,7 @@ from migcore._errors import (
     ProtocolError,
     VerificationError,
 )
-from migcore._region import Region, check_page_size, count_bits_in, new_bitmap, runs_in
+from migcore._region import Region, U64, check_page_size, count_bits_in, new_bitmap, runs_in
 from migcore._security import authenticate_destination
 from migcore._stats import MigrationStats, StatsRecorder
 from migcore._streams import StreamReceivers, accept_streams
@@ -45,7 +45,6 @@ log = logging.getLogger("migcore")
 #: page queues behind at most this much background data on the destination's side.
 POSTCOPY_RCVBUF = 512 << 10
 
-U64 = NDArray[np.uint64]
 
 
 @dataclass(frozen=True)

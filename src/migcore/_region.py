@@ -11,6 +11,9 @@ from numpy.typing import NDArray
 
 from migcore import _kernels
 
+#: Hash tables, bitmaps and runs tables: the arrays every module passes around.
+U64 = NDArray[np.uint64]
+
 MIN_PAGE_SIZE = 512
 MAX_PAGE_SIZE = 1 << 30
 

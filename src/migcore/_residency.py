@@ -36,14 +36,12 @@ import os
 import sys
 
 import numpy as np
-from numpy.typing import NDArray
 
 from migcore import _userfault
-from migcore._region import Region, bitmap_words
+from migcore._region import Region, U64, bitmap_words
 
 log = logging.getLogger("migcore")
 
-U64 = NDArray[np.uint64]
 
 #: Below this size the query is not worth its system calls: every page is read.
 MIN_BYTES = 4 << 20

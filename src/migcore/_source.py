@@ -34,7 +34,7 @@ from migcore._errors import (
     PeerLostError,
     ProtocolError,
 )
-from migcore._region import Region, count_bits_in, new_bitmap, runs_in
+from migcore._region import Region, U64, count_bits_in, new_bitmap, runs_in
 from migcore._security import authenticate_source
 from migcore._stats import MigrationStats, StatsRecorder
 from migcore._trackers import HashTracker, Tracker, hash_delta_parallel, zero_pages_parallel, make_tracker, runs_to_pages, zero_page_hashes
@@ -43,7 +43,6 @@ from migcore._transport import Connection
 
 log = logging.getLogger("migcore")
 
-U64 = NDArray[np.uint64]
 
 #: Largest page payload the source puts in one PAGES frame (pre-copy, stop-and-copy).
 BATCH_BYTES = 8 << 20

@@ -32,7 +32,6 @@ import time
 
 import numpy as np
 import xxhash
-from numpy.typing import NDArray
 
 from migcore import _destination, _kernels
 from migcore import _protocol as P
@@ -47,7 +46,7 @@ from migcore._errors import (
     ProtocolError,
     VerificationError,
 )
-from migcore._region import Region, new_bitmap
+from migcore._region import Region, U64, new_bitmap
 from migcore._source import BATCH_BYTES, Source, SourceOptions
 from migcore._stats import MigrationStats, StatsRecorder
 from migcore._trackers import runs_to_pages, zero_page_hashes
@@ -55,7 +54,6 @@ from migcore._transport import Connection
 
 log = logging.getLogger("migcore")
 
-U64 = NDArray[np.uint64]
 
 _REC = struct.Struct("<4sBBHIQ")
 _REC_MAGIC = b"MGRF"

@@ -21,11 +21,9 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import numpy as np
-from numpy.typing import NDArray
-
 from migcore import _protocol as P
 from migcore._errors import MigrationTimeout, PeerLostError, ProtocolError
+from migcore._region import U64
 from migcore._security import authenticate_destination, authenticate_source
 from migcore._transport import Connection
 
@@ -35,7 +33,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("migcore")
 
-U64 = NDArray[np.uint64]
 
 _END = "end"
 #: Batches queued per stream ahead of its thread.

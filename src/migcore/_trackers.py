@@ -26,11 +26,10 @@ from numpy.typing import NDArray
 
 from migcore import _kernels, _residency, _userfault
 from migcore._errors import MigrationError
-from migcore._region import Region, new_bitmap
+from migcore._region import Region, U64, new_bitmap
 
 log = logging.getLogger("migcore")
 
-U64 = NDArray[np.uint64]
 
 #: Regions smaller than this are hashed on one thread; larger ones on ``threads``.
 PARALLEL_MIN_BYTES = 32 << 20

@@ -24,13 +24,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
-from numpy.typing import NDArray
 
 from migcore import _kernels
 from migcore import _protocol as P
 from migcore import _userfault
 from migcore._errors import MigrationError, MigrationTimeout, PeerLostError, ProtocolError
-from migcore._region import Region, runs_in
+from migcore._region import Region, U64, runs_in
 from migcore._transport import Connection
 
 if TYPE_CHECKING:
@@ -38,7 +37,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("migcore")
 
-U64 = NDArray[np.uint64]
 
 _REQUEST = struct.Struct("<QQ")
 
