@@ -73,28 +73,27 @@ class Writer:
             for p in self.flip:
                 self._write(int(p) * self.ps, np.full(self.ps, fill, dtype=np.uint8))
             if self.hot is not None:
-                view = self.arr[: full * self.ps].reshape(full, self.ps)
-                view[self.hot, 0] = self.passes & 0xFF
-                view[self.hot, 1] = (self.passes >> 8) & 0xFF
-                if self.shadow is not None:
-                    sv = self.shadow[: full * self.ps].reshape(full, self.ps)
-                    sv[self.hot, 0:2] = view[self.hot, 0:2]
-                self.region.mark_pages(self.hot)
+                self._rewrite_hot()
             level = self.throttle_levels[-1] if self.throttle_levels else 0
             time.sleep(self.delay * (1 + level / 10))
+
+    def _rewrite_hot(self) -> None:
+        """Stamp the pass number into every hot page (and the shadow), and report the writes."""
+        assert self.hot is not None
+        full = self.region.npages - 1
+        view = self.arr[: full * self.ps].reshape(full, self.ps)
+        view[self.hot, 0] = self.passes & 0xFF
+        view[self.hot, 1] = (self.passes >> 8) & 0xFF
+        if self.shadow is not None:
+            sv = self.shadow[: full * self.ps].reshape(full, self.ps)
+            sv[self.hot, 0:2] = view[self.hot, 0:2]
+        self.region.mark_pages(self.hot)
 
     def on_progress(self, stats: migcore.MigrationStats) -> None:
         """A ``progress`` callback that rewrites the hot pages: every round finds them dirty again."""
         if not self.paused and self.hot is not None:
             self.passes += 1
-            full = self.region.npages - 1
-            view = self.arr[: full * self.ps].reshape(full, self.ps)
-            view[self.hot, 0] = self.passes & 0xFF
-            view[self.hot, 1] = (self.passes >> 8) & 0xFF
-            if self.shadow is not None:
-                sv = self.shadow[: full * self.ps].reshape(full, self.ps)
-                sv[self.hot, 0:2] = view[self.hot, 0:2]
-            self.region.mark_pages(self.hot)
+            self._rewrite_hot()
 
     def pause(self) -> None:
         """The ``pause`` callback: stop writing, then remember the bytes the destination must hold."""

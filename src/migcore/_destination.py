@@ -548,15 +548,20 @@ class Received:
         """True when owed pages arrive on first touch (userfaultfd); False when the program calls :meth:`ensure`."""
         return self._uffd is not None
 
-    def missing_in(self, offset: int, length: int) -> int:
-        """How many pages of bytes ``[offset, offset + length)`` are still owed by the source (0: all present)."""
+    def _pages_of(self, offset: int, length: int) -> tuple[int, int]:
+        """The pages ``[first, stop)`` holding bytes ``[offset, offset + length)``; ValueError outside the region."""
         if offset < 0 or length < 0 or offset + length > self.region.nbytes:
             raise ValueError(f"byte range [{offset}, {offset + length}) outside the region's {self.region.nbytes} bytes")
-        if length == 0 or self._missing is None:
-            return 0
         ps = self.region.page_size
+        return offset // ps, (offset + length - 1) // ps + 1 if length else offset // ps
+
+    def missing_in(self, offset: int, length: int) -> int:
+        """How many pages of bytes ``[offset, offset + length)`` are still owed by the source (0: all present)."""
+        first, stop = self._pages_of(offset, length)
+        if first == stop or self._missing is None:
+            return 0
         with self._cond:
-            return count_bits_in(self._missing, offset // ps, (offset + length - 1) // ps + 1)
+            return count_bits_in(self._missing, first, stop)
 
     def _start_postcopy(self, dest: Destination, owed: U64, digest: bytes) -> None:
         """Take over the connection after the POSTCOPY frame: confirm, then receive in the background."""
@@ -660,12 +665,9 @@ class Received:
 
     def ensure(self, offset: int, length: int, timeout: float | None = None) -> None:
         """Block until bytes ``[offset, offset + length)`` are present, asking the source for them first."""
-        if offset < 0 or length < 0 or offset + length > self.region.nbytes:
-            raise ValueError(f"byte range [{offset}, {offset + length}) outside the region's {self.region.nbytes} bytes")
-        if length == 0 or self._missing is None:
+        first, stop = self._pages_of(offset, length)
+        if first == stop or self._missing is None:
             return
-        ps = self.region.page_size
-        first, stop = offset // ps, (offset + length - 1) // ps + 1
         missing = self._missing
         if self._uffd is not None:
             # a prefetch: ask for the whole range at once, then wait by touching it

@@ -430,10 +430,10 @@ def encode_postcopy(digest: bytes, owed: NDArray[np.uint64] | None) -> bytes:
     return encode_header(Frame.POSTCOPY, count=len(owed), length=len(body)) + body
 
 
-def all_owed(npages: int) -> NDArray[np.uint64]:
-    """The owed bitmap of a POSTCOPY frame without one: every page, no bit past the last."""
-    words = (npages + 63) // 64
-    owed = np.full(words, np.uint64(0xFFFF_FFFF_FFFF_FFFF), dtype=np.uint64)
+def all_owed(npages: int, out: NDArray[np.uint64] | None = None) -> NDArray[np.uint64]:
+    """The owed bitmap of a POSTCOPY frame without one: every page, no bit past the last (into ``out``)."""
+    owed = np.empty((npages + 63) // 64, dtype=np.uint64) if out is None else out
+    owed[:] = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
     if npages % 64:
         owed[-1] = np.uint64((1 << (npages % 64)) - 1)
     return owed
@@ -454,10 +454,7 @@ def decode_postcopy(
     elif out.shape != (words,) or out.dtype != np.uint64:
         raise ValueError(f"out must be {words} uint64 words")
     if len(body) == DIGEST_SIZE:
-        out[:] = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
-        if npages % 64:
-            out[-1] = np.uint64((1 << (npages % 64)) - 1)
-        return bytes(body), out
+        return bytes(body), all_owed(npages, out)
     if len(body) != DIGEST_SIZE + 8 * words:
         raise ProtocolError(f"POSTCOPY body is {len(body)} bytes, expected {DIGEST_SIZE + 8 * words}")
     owed = np.frombuffer(body, dtype="<u8", offset=DIGEST_SIZE)

@@ -50,6 +50,12 @@ FILL_NAMES = {
 }
 
 
+def _main_size(runs: list[dict[str, Any]]) -> int | None:
+    """The region size most runs use (256 MiB by default): the size the targets are stated for."""
+    sizes = [int(r["size"]) for r in runs]
+    return max(set(sizes), key=sizes.count) if sizes else None
+
+
 def _stopcopy(
     runs: list[dict[str, Any]], baselines: list[dict[str, Any]], fill: str, goal: float, *, info: bool = False
 ) -> TargetResult:
@@ -61,7 +67,7 @@ def _stopcopy(
     if not cands:
         return TargetResult(name, text, "not measured", None, info)
     sizes = {r["size"] for r in cands}
-    size = 256 * MIB if 256 * MIB in sizes else max(sizes, key=[r["size"] for r in cands].count)
+    size = 256 * MIB if 256 * MIB in sizes else (_main_size(cands) or 256 * MIB)
     at = [r for r in cands if r["size"] == size]
     bare = _bare(baselines, size)
     overall = max(r["throughput"] for r in at) / bare if bare else None
@@ -76,12 +82,6 @@ def _stopcopy(
     else:
         return TargetResult(name, text, "no bare-socket baseline", None, info)
     return TargetResult(name, text, detail, ratio >= goal, info)
-
-
-def _main_size(runs: list[dict[str, Any]]) -> int | None:
-    """The region size most runs use (256 MiB by default): the size the targets are stated for."""
-    sizes = [r["size"] for r in runs]
-    return max(set(sizes), key=sizes.count) if sizes else None
 
 
 def _precopy(runs: list[dict[str, Any]], *, larger: bool = False) -> TargetResult:
