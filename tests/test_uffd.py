@@ -188,7 +188,7 @@ def test_the_fault_loop_uses_the_protocol_constants() -> None:
 
     from migcore import _protocol as P
 
-    pyx = Path(migcore.__file__).parent / "_uffd.pyx"
+    pyx = Path(migcore.__file__).parent / "_uffd_state.pxi"
     if not pyx.exists():
         pytest.skip("the .pyx is not installed (a wheel)")
     src = pyx.read_text()
