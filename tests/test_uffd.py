@@ -5,11 +5,13 @@ from __future__ import annotations
 import ctypes
 import mmap
 import threading
+from types import ModuleType
 
 import numpy as np
 import pytest
 
 import migcore
+from migcore import _protocol as P
 from migcore import _trackers, _userfault
 from migcore._region import new_bitmap
 from migcore._trackers import HashTracker, UffdTracker, make_tracker, resolve_tracker
@@ -182,17 +184,130 @@ def test_precopy_with_uffd_and_a_live_writer_is_byte_identical(mode: str) -> Non
     assert resolve_tracker("auto", region) == "uffd"
 
 
-def test_the_fault_loop_uses_the_protocol_constants() -> None:
-    """The C loop builds DEMAND frames and parses PAGES frames itself; its constants mirror _protocol's."""
-    from pathlib import Path
+# -- the wire the no-GIL loop speaks: its C code held against _protocol ---------------------------
 
-    from migcore import _protocol as P
+needs_module = pytest.mark.skipif(not _userfault.available(), reason="migcore._uffd is not built")
+HEADER_EDGES = [  # (flags, count, length)
+    (0, 0, 0),
+    (P.FLAG_POSTCOPY, 1, 4096),
+    (P.FLAG_POSTCOPY | P.FLAG_ZERO, 0xFFFFFFFF, 0),
+    (0xFF, 0x01020304, 0x0102030405060708),
+    (0x80, 0xFFFFFFFF, (1 << 64) - 1),
+    (P.PAGES_FLAGS, 1 << 31, 1 << 63),
+]
 
-    pyx = Path(migcore.__file__).parent / "_uffd_state.pxi"
-    if not pyx.exists():
-        pytest.skip("the .pyx is not installed (a wheel)")
-    src = pyx.read_text()
-    for name, value in (("_HEADER_SIZE", P.HEADER_SIZE), ("_RUN_SIZE", P.RUN_SIZE), ("_FRAME_PAGES", int(P.Frame.PAGES)),
-                        ("_FRAME_DEMAND", int(P.Frame.DEMAND)), ("_FLAG_POSTCOPY", P.FLAG_POSTCOPY),
-                        ("_FLAG_ZERO", P.FLAG_ZERO)):
-        assert f"    {name} = {value}\n" in src, name
+
+def loop_module() -> ModuleType:
+    return _userfault.module()
+
+
+def test_the_loop_layout_is_the_protocol_constants() -> None:
+    """The one definition the C loop is handed: the protocol's own header, runs, frame numbers and flags."""
+    layout = P.LOOP_LAYOUT
+    assert layout.header_size == P.HEADER_SIZE == P.HEADER.size
+    assert layout.run_size == P.RUN_SIZE
+    assert (layout.pages, layout.demand) == (P.Frame.PAGES, P.Frame.DEMAND)
+    assert (layout.postcopy, layout.zero) == (P.FLAG_POSTCOPY, P.FLAG_ZERO)
+
+
+@needs_module
+@pytest.mark.parametrize("ftype", list(P.Frame), ids=lambda f: f.name)
+@pytest.mark.parametrize(("flags", "count", "length"), HEADER_EDGES)
+def test_c_headers_are_the_protocol_s_bytes_for_every_frame_type(
+    ftype: P.Frame, flags: int, count: int, length: int
+) -> None:
+    uffd = loop_module()
+    wire = P.encode_header(ftype, flags=flags, count=count, length=length)
+    assert uffd.encode_header(ftype, flags, count, length) == wire
+    assert uffd.decode_header(wire) == (ftype, flags, 0, count, length)
+
+
+@needs_module
+def test_c_reads_every_header_field_where_the_protocol_puts_it() -> None:
+    """Distinct bytes everywhere (the reserved field too): the C reader agrees with ``struct`` on all 16."""
+    data = bytes(range(0x11, 0x11 + P.HEADER_SIZE))
+    assert loop_module().decode_header(data) == P.HEADER.unpack(data)
+    with pytest.raises(ValueError):
+        loop_module().decode_header(data[:-1])
+
+
+@needs_module
+@pytest.mark.parametrize(
+    "runs",
+    [[], [(0, 1)], [(3, 2), (10, 1), (4096, 100)], [(1 << 40, 7), ((1 << 63) + 5, (1 << 64) - 1)]],
+    ids=["none", "one", "several", "large"],
+)
+def test_c_demand_frames_and_runs_tables_are_the_protocol_s(runs: list[tuple[int, int]]) -> None:
+    uffd = loop_module()
+    table = np.array(runs, dtype=np.uint64).reshape(-1, 2)
+    assert uffd.encode_demand(P.LOOP_LAYOUT, table) == P.encode_runs_header(P.Frame.DEMAND, table, 0)
+    # the runs table of a PAGES frame, read back the way the loop reads it
+    pages = P.encode_runs_header(P.Frame.PAGES, table, 0, flags=P.FLAG_POSTCOPY)[P.HEADER_SIZE :]
+    out = np.zeros(2 * len(runs), dtype=np.uint64)
+    assert uffd.decode_runs(pages, out) == len(runs)
+    assert (out.reshape(-1, 2) == P.decode_runs(pages, len(runs))).all()
+
+
+@needs_module
+@pytest.mark.parametrize("ftype", list(P.Frame), ids=lambda f: f.name)
+def test_the_c_loop_stops_at_every_frame_but_pages(ftype: P.Frame) -> None:
+    classify = loop_module().classify_header
+    header = P.encode_header(ftype, flags=P.FLAG_POSTCOPY, count=1, length=4096)
+    assert classify(P.LOOP_LAYOUT, header) == (1 if ftype is P.Frame.PAGES else 0)
+
+
+@needs_module
+def test_the_c_loop_reads_pages_flags_as_the_protocol_defines_them() -> None:
+    uffd = loop_module()
+
+    def classify(flags: int, length: int = 0) -> int:
+        header = P.encode_header(P.Frame.PAGES, flags=flags, count=1, length=length)
+        return int(uffd.classify_header(P.LOOP_LAYOUT, header))
+
+    assert classify(P.FLAG_POSTCOPY, 4096) == 1
+    assert classify(P.FLAG_POSTCOPY | P.FLAG_ZERO) == 2
+    for flags in (0, P.FLAG_ZERO, P.FLAG_POSTCOPY | P.FLAG_COMPRESSED, P.FLAG_POSTCOPY | P.FLAG_DELTA):
+        assert classify(flags, 4096) == -1, flags
+    assert classify(P.FLAG_POSTCOPY | P.FLAG_ZERO, 4096) == -7  # a zero notice with a payload
+    reserved = bytearray(P.encode_header(P.Frame.PAGES, flags=P.FLAG_POSTCOPY, count=1, length=4096))
+    reserved[3] = 1
+    assert uffd.classify_header(P.LOOP_LAYOUT, bytes(reserved)) == -1
+    assert {1, 7} <= set(uffd.PROTOCOL_DETAILS)
+
+
+@needs_module
+def test_a_frame_number_changed_in_the_layout_is_followed_by_the_c_side() -> None:
+    """Change PAGES, DEMAND and FLAG_ZERO in the one definition: the C encoder and reader follow it."""
+    uffd = loop_module()
+    moved = P.LOOP_LAYOUT._replace(pages=40, demand=41, zero=16)
+    runs = np.array([[5, 2], [9, 1]], dtype=np.uint64)
+    frame = uffd.encode_demand(moved, runs)
+    assert frame[0] == 41
+    assert frame[1:] == P.encode_runs_header(P.Frame.DEMAND, runs, 0)[1:]
+    assert uffd.decode_header(frame[: P.HEADER_SIZE]) == (41, 0, 0, 2, 2 * P.RUN_SIZE)
+
+    def header(ftype: int, flags: int) -> bytes:
+        return bytes([ftype]) + P.encode_header(P.Frame.PAGES, flags=flags, count=1)[1:]
+
+    assert uffd.classify_header(moved, header(40, P.FLAG_POSTCOPY)) == 1
+    assert uffd.classify_header(moved, header(40, P.FLAG_POSTCOPY | 16)) == 2
+    assert uffd.classify_header(moved, header(40, P.FLAG_POSTCOPY | P.FLAG_ZERO)) == -1
+    assert uffd.classify_header(moved, header(int(P.Frame.PAGES), P.FLAG_POSTCOPY)) == 0  # no longer PAGES
+
+
+@needs_module
+@pytest.mark.parametrize(
+    "change",
+    [{"header_size": 24}, {"run_size": 8}, {"pages": 256}, {"demand": -1}, {"postcopy": 0}, {"zero": P.FLAG_POSTCOPY}],
+    ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()),
+)
+def test_the_c_side_refuses_a_layout_it_does_not_implement(change: dict[str, int]) -> None:
+    uffd = loop_module()
+    layout = P.LOOP_LAYOUT._replace(**change)
+    with pytest.raises(ValueError, match="layout"):
+        uffd.encode_demand(layout, np.zeros((1, 2), dtype=np.uint64))
+    with pytest.raises(ValueError, match="layout"):
+        uffd.classify_header(layout, P.encode_header(P.Frame.PAGES))
+    owed, table, info = np.zeros(1, np.uint64), np.zeros(1, np.uint64), np.zeros(uffd.INFO_SIZE, np.uint64)
+    with pytest.raises(ValueError, match="layout"):  # refused before any system call
+        uffd.serve_postcopy(layout, -1, -1, -1, 0, 4096, 4096, owed, table, info, 1, 4096, 0.0)

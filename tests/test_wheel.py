@@ -42,6 +42,7 @@ def test_sdist_carries_sources_stub_and_tests(dists: dict[str, Path]) -> None:
         "src/migcore/_uffd_kernel.pxi",
         "src/migcore/_uffd_posix.pxi",
         "src/migcore/_uffd_calls.pxi",
+        "src/migcore/_uffd_wire.pxi",
         "src/migcore/_uffd_state.pxi",
         "src/migcore/_uffd_demand.pxi",
         "src/migcore/_uffd_install.pxi",

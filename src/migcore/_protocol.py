@@ -44,6 +44,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import xxhash
@@ -121,6 +122,24 @@ class Frame(enum.IntEnum):
     CANCEL = 15
     AUTH = 16
     STREAM = 17
+
+
+class LoopLayout(NamedTuple):
+    """The wire facts the no-GIL post-copy loop (``migcore._uffd.serve_postcopy``) needs.
+
+    Handed to the loop when it starts, so the C side reads PAGES and builds
+    DEMAND frames with these values instead of copies of them.
+    """
+
+    header_size: int
+    run_size: int
+    pages: int
+    demand: int
+    postcopy: int
+    zero: int
+
+
+LOOP_LAYOUT = LoopLayout(HEADER_SIZE, RUN_SIZE, Frame.PAGES, Frame.DEMAND, FLAG_POSTCOPY, FLAG_ZERO)
 
 
 class ErrorCode(enum.IntEnum):

@@ -10,6 +10,8 @@ import sys
 import numpy as np
 from numpy.typing import NDArray
 
+from migcore._protocol import LoopLayout
+
 if sys.version_info >= (3, 12):
     from collections.abc import Buffer
 else:
@@ -78,6 +80,7 @@ def touch(addr: int, length: int, step: int) -> None:
     """Read a byte every ``step`` bytes, without the GIL (faults the pages in)."""
 
 def serve_postcopy(
+    layout: LoopLayout,
     uffd: int,
     sock: int,
     wake_fd: int,
@@ -91,4 +94,23 @@ def serve_postcopy(
     max_payload: int,
     timeout: float,
 ) -> int:
-    """The post-copy fault-service loop (no GIL); 0 at a non-PAGES frame, else a negative ``SERVE_*`` code."""
+    """The post-copy fault-service loop (no GIL); 0 at a non-PAGES frame, else a negative ``SERVE_*`` code.
+
+    ``layout`` is ``_protocol.LOOP_LAYOUT``: the frame numbers and flags it reads and writes.
+    """
+
+# The loop's own frame code, for tests against ``_protocol``.
+def encode_header(ftype: int, flags: int, count: int, length: int) -> bytes:
+    """The 16 header bytes the loop writes for these fields."""
+
+def decode_header(data: Buffer) -> tuple[int, int, int, int, int]:
+    """``(type, flags, reserved, count, length)`` as the loop reads a header."""
+
+def classify_header(layout: LoopLayout, data: Buffer) -> int:
+    """0 not PAGES (the loop stops), 1 post-copy pages, 2 a zero notice, or minus a ``PROTOCOL_DETAILS`` key."""
+
+def encode_demand(layout: LoopLayout, runs: _U64) -> bytes:
+    """The DEMAND frame the loop sends for an ``(n, 2)`` array of sorted, merged runs."""
+
+def decode_runs(table: Buffer, out: _U64) -> int:
+    """Read a runs table into ``out`` as (first, count) pairs; returns the run count."""

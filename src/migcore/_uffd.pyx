@@ -8,12 +8,14 @@ that faulted may hold it). There is no pure-Python equivalent: where this is
 unavailable, migcore uses its hash tracker and the Python post-copy receiver.
 
 The parts below: the kernel ABI and C library declarations, the system calls,
-and the fault-service loop (its state, asking for pages, landing them, the loop).
+the frames the loop reads and writes, and the fault-service loop (its state,
+asking for pages, landing them, the loop).
 """
 
 include "_uffd_kernel.pxi"
 include "_uffd_posix.pxi"
 include "_uffd_calls.pxi"
+include "_uffd_wire.pxi"
 include "_uffd_state.pxi"
 include "_uffd_demand.pxi"
 include "_uffd_install.pxi"

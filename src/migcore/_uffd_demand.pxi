@@ -2,9 +2,8 @@
 # program asks for become DEMAND frames sent on the socket.
 
 from libc.errno cimport EAGAIN, ECONNRESET, EEXIST, EINTR, EPIPE, errno
-from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdint cimport uint8_t, uint64_t
 from libc.stdlib cimport qsort
-from libc.string cimport memset
 
 cdef enum:
     _MSG_BATCH = 64     # fault messages read from the userfaultfd at once
@@ -34,28 +33,28 @@ cdef int _send_all(_Serve *s, const uint8_t *data, uint64_t n, double timeout) n
     return 0
 
 
+cdef uint64_t _merge_runs(uint64_t *runs, uint64_t n) noexcept nogil:
+    """Sort ``n`` (first, count) runs and merge adjacent ones, in place; returns how many remain."""
+    qsort(runs, n, 16, mig_cmp_run)
+    cdef uint64_t i, m = 0
+    for i in range(n):
+        if m and runs[2 * (m - 1)] + runs[2 * (m - 1) + 1] == runs[2 * i]:
+            runs[2 * (m - 1) + 1] += runs[2 * i + 1]
+        else:
+            runs[2 * m] = runs[2 * i]
+            runs[2 * m + 1] = runs[2 * i + 1]
+            m += 1
+    return m
+
+
 cdef int _flush_demands(_Serve *s, double timeout) noexcept nogil:
-    """Send the pending runs as DEMAND frames (sorted, merged)."""
+    """Send the pending runs as one DEMAND frame (sorted, merged)."""
     if s.npending == 0:
         return 0
-    qsort(s.pending, s.npending, 16, mig_cmp_run)
-    cdef uint64_t i, n = 0
-    cdef uint64_t *rows = <uint64_t *>(s.frame + _HEADER_SIZE)
-    for i in range(s.npending):
-        if n and rows[2 * (n - 1)] + rows[2 * (n - 1) + 1] == s.pending[2 * i]:
-            rows[2 * (n - 1) + 1] += s.pending[2 * i + 1]
-        else:
-            rows[2 * n] = s.pending[2 * i]
-            rows[2 * n + 1] = s.pending[2 * i + 1]
-            n += 1
+    cdef uint64_t n = _merge_runs(s.pending, s.npending)
     s.npending = 0
-    # header: type u8 | flags u8 | reserved u16 | count u32 | length u64 (little-endian, as on x86)
-    memset(s.frame, 0, _HEADER_SIZE)
-    s.frame[0] = _FRAME_DEMAND
-    (<uint32_t *>(s.frame + 4))[0] = <uint32_t>n
-    (<uint64_t *>(s.frame + 8))[0] = n * _RUN_SIZE
     s.info[_INFO_DEMANDS] += 1
-    return _send_all(s, s.frame, _HEADER_SIZE + n * _RUN_SIZE, timeout)
+    return _send_all(s, s.frame, _put_demand(&s.layout, s.frame, s.pending, n), timeout)
 
 
 cdef int _demand(_Serve *s, uint64_t first, uint64_t stop, double timeout) noexcept nogil:

@@ -9,7 +9,7 @@ from libc.string cimport memset
 
 cdef int _check_runs(_Serve *s, uint64_t count, uint64_t length, bint zero) noexcept nogil:
     """Validate a PAGES runs table before any page byte is read: in range, ascending, owed, consistent."""
-    cdef const uint64_t *rows = <const uint64_t *>s.runs
+    cdef const uint64_t *rows = s.runs
     cdef uint64_t i, p, first, n, prev_end = 0, pages = 0, payload
     for i in range(count):
         first = rows[2 * i]
@@ -100,7 +100,7 @@ cdef int _fill(_Serve *s, uint64_t dst, const uint8_t *src, uint64_t span) noexc
 
 cdef int _install_zero(_Serve *s, uint64_t count) noexcept nogil:
     """Install every page of a validated zero notice with UFFDIO_ZEROPAGE, then mark it present."""
-    cdef const uint64_t *rows = <const uint64_t *>s.runs
+    cdef const uint64_t *rows = s.runs
     cdef uint64_t i, p, first, n, span
     cdef uint64_t ps = s.page_size
     cdef int rc
@@ -124,7 +124,7 @@ cdef int _install_zero(_Serve *s, uint64_t count) noexcept nogil:
 
 cdef int _install(_Serve *s, uint64_t count, uint64_t length) noexcept nogil:
     """Hash and install every page of a received PAGES frame with UFFDIO_COPY, then mark it present."""
-    cdef const uint64_t *rows = <const uint64_t *>s.runs
+    cdef const uint64_t *rows = s.runs
     cdef uint64_t i, p, first, n, off = 0, nb, span
     cdef uint64_t ps = s.page_size
     cdef int rc

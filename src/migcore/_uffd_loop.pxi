@@ -3,9 +3,9 @@
 # arguments, allocates its buffers and runs it.
 
 from libc.errno cimport EAGAIN, EBADF, ECONNRESET, EINTR, errno
-from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdint cimport uint8_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
-from libc.string cimport memcpy, memset
+from libc.string cimport memset
 
 
 cdef int _serve_loop(_Serve *s, double timeout) noexcept nogil:
@@ -15,10 +15,11 @@ cdef int _serve_loop(_Serve *s, double timeout) noexcept nogil:
     cdef int section = 0   # 0 header, 1 runs table, 2 payload
     cdef bint zero = False
     cdef uint8_t *dst = s.header
+    cdef _Header h
     cdef ssize_t k
     cdef double last = mig_now()
     cdef uint64_t req[64]
-    want = _HEADER_SIZE
+    want = _WIRE_HEADER
     while True:
         fds[0].fd = s.uffd
         fds[0].events = POLLIN
@@ -84,18 +85,19 @@ cdef int _serve_loop(_Serve *s, double timeout) noexcept nogil:
             continue
         got = 0
         if section == 0:
-            if s.header[0] != _FRAME_PAGES:
-                memcpy(&s.info[_INFO_HEADER], s.header, _HEADER_SIZE)
+            _get_header(s.header, &h)
+            rc = _pages_header(&s.layout, &h)
+            if rc == 0:
+                # two little-endian words, so the caller gets the bytes back on any host
+                s.info[_INFO_HEADER] = _get_le(s.header, 8)
+                s.info[_INFO_HEADER + 1] = _get_le(s.header + 8, 8)
                 return 0
-            count = (<uint32_t *>(s.header + 4))[0]
-            length = (<uint64_t *>(s.header + 8))[0]
-            if (s.header[1] != _FLAG_POSTCOPY and s.header[1] != _FLAG_POSTCOPY | _FLAG_ZERO) or s.header[2] or s.header[3]:
-                s.info[_INFO_DETAIL] = 1
+            if rc < 0:
+                s.info[_INFO_DETAIL] = -rc
                 return _SERVE_PROTOCOL
-            zero = s.header[1] == _FLAG_POSTCOPY | _FLAG_ZERO
-            if zero and length:
-                s.info[_INFO_DETAIL] = 7
-                return _SERVE_PROTOCOL
+            zero = rc == 2
+            count = h.count
+            length = h.length
             if count == 0 or count > s.max_runs:
                 s.info[_INFO_DETAIL] = 2
                 return _SERVE_PROTOCOL
@@ -103,9 +105,10 @@ cdef int _serve_loop(_Serve *s, double timeout) noexcept nogil:
                 s.info[_INFO_DETAIL] = 3
                 return _SERVE_PROTOCOL
             section = 1
-            dst = s.runs
-            want = count * _RUN_SIZE
+            dst = s.runs_wire
+            want = count * _WIRE_RUN
         elif section == 1:
+            _get_runs(s.runs_wire, s.runs, count)
             rc = _check_runs(s, count, length, zero)
             if rc:
                 return rc
@@ -115,7 +118,7 @@ cdef int _serve_loop(_Serve *s, double timeout) noexcept nogil:
                     return rc
                 section = 0
                 dst = s.header
-                want = _HEADER_SIZE
+                want = _WIRE_HEADER
                 continue
             section = 2
             dst = s.payload
@@ -126,10 +129,11 @@ cdef int _serve_loop(_Serve *s, double timeout) noexcept nogil:
                 return rc
             section = 0
             dst = s.header
-            want = _HEADER_SIZE
+            want = _WIRE_HEADER
 
 
 def serve_postcopy(
+    object layout,
     int uffd,
     int sock,
     int wake_fd,
@@ -155,7 +159,12 @@ def serve_postcopy(
     before returning, so no thread stays blocked. Returns 0 when it stopped at
     another frame (its header in ``info[_INFO_HEADER:_INFO_HEADER + 2]``) or a
     negative ``SERVE_*`` code; ``info`` also counts pages, bytes and demands.
+    ``layout`` is ``migcore._protocol.LOOP_LAYOUT``: the frame numbers and
+    flags the loop reads and writes (``ValueError`` if its sizes are not the
+    ones the loop implements).
     """
+    cdef _Layout w
+    _layout_from(layout, &w)
     if page_size < _SYSTEM_PAGE or page_size % _SYSTEM_PAGE:
         raise ValueError(f"page_size must be a multiple of {_SYSTEM_PAGE}")
     cdef uint64_t npages = (nbytes + page_size - 1) // page_size
@@ -165,6 +174,7 @@ def serve_postcopy(
         raise ValueError("max_runs out of range")
     cdef _Serve s
     memset(&s, 0, sizeof(s))
+    s.layout = w
     s.uffd = uffd
     s.sock = sock
     s.wake = wake_fd
@@ -183,14 +193,15 @@ def serve_postcopy(
     with nogil:
         s.demanded = <uint64_t *>calloc((npages + 63) // 64, 8)
         s.pending = <uint64_t *>malloc(max_runs * 16)
-        s.frame = <uint8_t *>malloc(_HEADER_SIZE + max_runs * _RUN_SIZE)
-        s.runs = <uint8_t *>malloc(max_runs * _RUN_SIZE)
+        s.frame = <uint8_t *>malloc(_WIRE_HEADER + max_runs * _WIRE_RUN)
+        s.runs_wire = <uint8_t *>malloc(max_runs * _WIRE_RUN)
+        s.runs = <uint64_t *>malloc(max_runs * 16)
         s.payload = <uint8_t *>malloc(max_payload + page_size)
         if s.payload:  # the hashes of a zero page and of the zero partial last page, for zero notices
             memset(s.payload, 0, page_size)
             s.zero_hash = XXH3_64bits(s.payload, page_size)
             s.tail_hash = XXH3_64bits(s.payload, nbytes - (npages - 1) * page_size)
-        if not (s.demanded and s.pending and s.frame and s.runs and s.payload):
+        if not (s.demanded and s.pending and s.frame and s.runs_wire and s.runs and s.payload):
             s.where = 9
             rc = _SERVE_OS
         else:
@@ -203,6 +214,7 @@ def serve_postcopy(
         free(s.demanded)
         free(s.pending)
         free(s.frame)
+        free(s.runs_wire)
         free(s.runs)
         free(s.payload)
     info[_INFO_WHERE] = s.where

@@ -109,6 +109,7 @@ class UffdPostcopy:
         assert dest.table is not None
         try:
             rc = uffd.serve_postcopy(
+                P.LOOP_LAYOUT,
                 self.fd,
                 dest.conn.fd,
                 self.wake_r,

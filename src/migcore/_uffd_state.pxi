@@ -43,16 +43,6 @@ INFO_READY = _INFO_READY  # set to 1 once the loop runs without the GIL
 INFO_ZERO = _INFO_ZERO  # pages installed from zero notices
 INFO_SIZE = _INFO_SIZE
 
-# protocol constants the loop needs: they must match _protocol (HEADER, RUN_SIZE, Frame.PAGES/DEMAND, FLAG_POSTCOPY,
-# FLAG_ZERO)
-cdef enum:
-    _HEADER_SIZE = 16
-    _RUN_SIZE = 16
-    _FRAME_PAGES = 4
-    _FRAME_DEMAND = 12
-    _FLAG_POSTCOPY = 1
-    _FLAG_ZERO = 8
-
 #: Details of _SERVE_PROTOCOL, in ``info[_INFO_DETAIL]``.
 PROTOCOL_DETAILS = {
     1: "PAGES frame with wrong flags or a non-zero reserved field",
@@ -72,6 +62,7 @@ cdef struct _Serve:
     int uffd
     int sock
     int wake
+    _Layout layout          # frame numbers and flags, from _protocol.LOOP_LAYOUT
     uint64_t addr
     uint64_t nbytes
     uint64_t page_size
@@ -86,9 +77,10 @@ cdef struct _Serve:
     uint64_t max_runs
     uint64_t max_payload
     uint8_t *frame          # DEMAND frame being built
-    uint8_t *runs           # runs table of the PAGES frame being received
+    uint8_t *runs_wire      # runs table of the PAGES frame being received, as sent
+    uint64_t *runs          # ... read into (first, count) pairs
     uint8_t *payload        # its payload (+ one page of zero padding)
-    uint8_t header[16]
+    uint8_t header[_WIRE_HEADER]
     int where
     uint64_t zero_hash      # XXH3 of an all-zero page
     uint64_t tail_hash      # ... of the all-zero partial last page
