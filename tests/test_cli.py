@@ -148,7 +148,7 @@ WRITER = textwrap.dedent(
     """
     import mmap, sys, time
     from migcore import Region
-    from migcore.workload import Workload
+    from migcore.bench.workload import Workload
     f = open(sys.argv[1], "r+b")
     m = mmap.mmap(f.fileno(), 0)
     w = Workload(Region(m), dirty_rate=2 << 20, mark=False, seed=3)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from migcore import Region
-from migcore.workload import FLIP_MASK, Workload, fill, touch
+from migcore.bench.workload import FLIP_MASK, Workload, fill, touch
 
 PS = 4096
 

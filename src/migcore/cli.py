@@ -40,7 +40,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColum
 from rich.table import Table
 
 import migcore
-from migcore import workload as _workload
+from migcore.bench import workload as _workload
 from migcore._trackers import TRACKERS as _TRACKER_KINDS
 
 logger = logging.getLogger("migcore.cli")

@@ -490,4 +490,4 @@ class Workload:
 
     def __repr__(self) -> str:
         rate = "unbounded" if math.isinf(self.dirty_rate) else f"{self.dirty_rate:.0f} B/s"
-        return f"<migcore.workload.Workload {self.pattern} {rate} on {self.region!r}>"
+        return f"<migcore.bench.workload.Workload {self.pattern} {rate} on {self.region!r}>"
