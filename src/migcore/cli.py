@@ -565,11 +565,10 @@ def cmd_send(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_bench(args: argparse.Namespace, console: Console) -> int:
     """Run the benchmark suite (see :mod:`migcore.bench`); exit 1 if a run was not verified identical."""
-    from migcore.bench._grid import parse_rate
-    from migcore.bench._suite import BenchConfig, run_bench
+    from migcore.bench import BenchConfig, run_bench
 
     try:
-        rates = tuple(parse_rate(r) for r in args.rates or ())
+        rates = tuple(_bench_rate(r) for r in args.rates or ())
     except ValueError as exc:
         console.print(f"[red]--rates: {exc}[/]")
         return 2
@@ -588,6 +587,19 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
     )
     results = run_bench(config, console)
     return 0 if all(r["verified"] for r in results["runs"]) else 1
+
+
+def _bench_rate(text: str) -> Any:
+    """A ``--rates`` value: ``0.25`` (fraction of the bare-socket bandwidth), ``0.25x``, or an absolute ``200MiB/s``."""
+    from migcore.bench import Rate
+
+    t = text.strip().lower()
+    if t.endswith("/s"):
+        return Rate(absolute=float(parse_size(t[:-2])))
+    value = float(t.rstrip("x"))
+    if value < 0:
+        raise ValueError(f"dirty rate must be >= 0, got {text!r}")
+    return Rate(fraction=value)
 
 
 def cmd_receive(args: argparse.Namespace, console: Console) -> int:
