@@ -171,7 +171,7 @@ def test_zero_scan_of_a_sparse_region(benchmark: Any, compare: Any) -> None:
     from migcore import _residency
     from migcore._region import Region, new_bitmap
     from migcore._trackers import zero_pages_parallel
-    from migcore.workload import fill
+    from migcore.bench.workload import fill
 
     region = Region.allocate(GIB, PAGE)
     fill(region, random_fraction=0.1, seed=0)

@@ -25,7 +25,7 @@ import pytest
 
 import migcore
 from migcore import _codecs
-from migcore.workload import Workload, fill
+from migcore.bench.workload import Workload, fill
 
 log = logging.getLogger("migcore.bench")
 

@@ -11,6 +11,7 @@ import numpy as np
 
 import migcore
 from migcore import _destination
+from migcore.bench.workload import Workload
 
 
 class Writer:
@@ -20,7 +21,12 @@ class Writer:
     B and be A again by the next round (the ABA case of DESIGN.md rule 1).
     ``hot`` pages are all rewritten on every pass (a constant dirty set that
     never shrinks, to force a pre-copy stall). Writes are reported with
-    ``Region.mark_dirty`` so the "writes" tracker sees them too.
+    ``Region.mark_pages`` so the "writes" tracker sees them too.
+
+    The writes are those of :class:`migcore.bench.workload.Workload` (one per
+    kind of page, stepped together once per pass); this class adds the test's
+    side: the pass loop and its delay, the throttle levels asked for, and the
+    snapshot of what the destination must hold, taken at the pause.
     """
 
     def __init__(
@@ -35,19 +41,26 @@ class Writer:
         shadow: np.ndarray | None = None,
     ) -> None:
         self.region = region
-        self.arr = region.array()
-        self.ps = region.page_size
-        self.rng = np.random.default_rng(seed)
-        self.random_pages = random_pages
         npages = region.npages
-        self.flip = self.rng.choice(max(1, npages - 1), size=min(flip_pages, max(1, npages - 1)), replace=False)
-        self.hot = np.arange(min(hot, npages - 1)) if hot else None
+        full = max(1, npages - 1)  # flipping and hot pages stay off a partial last page
+        flip = np.random.default_rng(seed).choice(full, size=min(flip_pages, full), replace=False)
+        common: dict[str, Any] = {"seed": seed, "shadow": shadow}
+        parts = [
+            Workload(region, batch_pages=random_pages, write_bytes=64, **common) if random_pages else None,
+            Workload(region, pattern="sequential", pages=flip, batch_pages=len(flip), flipflop=True,
+                     write_bytes=region.page_size, **common) if len(flip) else None,
+        ]
+        nhot = min(hot, npages - 1)
+        self.hot = (
+            Workload(region, pattern="sequential", pages=np.arange(nhot), batch_pages=nhot, **common) if nhot > 0 else None
+        )
+        self._parts = [w for w in (*parts, self.hot) if w is not None]
         self.delay = delay
-        self.shadow = shadow
         self.passes = 0
         self.throttle_levels: list[int] = []
         self.snapshot: bytes | None = None
         self.paused = False
+        self._lock = threading.Lock()  # one step at a time: the thread and on_progress share the hot pages
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -55,51 +68,25 @@ class Writer:
         self._thread.start()
         return self
 
-    def _write(self, off: int, data: np.ndarray) -> None:
-        self.arr[off : off + len(data)] = data
-        if self.shadow is not None:
-            self.shadow[off : off + len(data)] = data
-        self.region.mark_dirty(off, len(data))
-
     def _run(self) -> None:
-        npages = self.region.npages
-        full = npages - 1  # keep writes off the partial last page's tail
         while not self._stop.is_set():
-            self.passes += 1
-            for p in self.rng.integers(0, full, self.random_pages):
-                off = int(p) * self.ps + int(self.rng.integers(0, self.ps - 64))
-                self._write(off, self.rng.integers(0, 256, 64, dtype=np.uint8))
-            fill = 0x11 if self.passes % 2 else 0x22
-            for p in self.flip:
-                self._write(int(p) * self.ps, np.full(self.ps, fill, dtype=np.uint8))
-            if self.hot is not None:
-                self._rewrite_hot()
+            with self._lock:
+                self.passes += 1
+                for part in self._parts:
+                    part.step()
             level = self.throttle_levels[-1] if self.throttle_levels else 0
             time.sleep(self.delay * (1 + level / 10))
-
-    def _rewrite_hot(self) -> None:
-        """Stamp the pass number into every hot page (and the shadow), and report the writes."""
-        assert self.hot is not None
-        full = self.region.npages - 1
-        view = self.arr[: full * self.ps].reshape(full, self.ps)
-        view[self.hot, 0] = self.passes & 0xFF
-        view[self.hot, 1] = (self.passes >> 8) & 0xFF
-        if self.shadow is not None:
-            sv = self.shadow[: full * self.ps].reshape(full, self.ps)
-            sv[self.hot, 0:2] = view[self.hot, 0:2]
-        self.region.mark_pages(self.hot)
 
     def on_progress(self, stats: migcore.MigrationStats) -> None:
         """A ``progress`` callback that rewrites the hot pages: every round finds them dirty again."""
         if not self.paused and self.hot is not None:
-            self.passes += 1
-            self._rewrite_hot()
+            with self._lock:
+                self.passes += 1
+                self.hot.step()
 
     def pause(self) -> None:
         """The ``pause`` callback: stop writing, then remember the bytes the destination must hold."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
+        self.stop()
         self.paused = True
         self.snapshot = bytes(self.region.view)
 

@@ -18,6 +18,7 @@ import pytest
 from rich.console import Console
 
 from migcore import MigrationStats, cli
+from migcore.cli import send as cli_send
 
 ENV = {**os.environ, "COLUMNS": "120", "PYTHONUNBUFFERED": "1"}
 
@@ -148,7 +149,7 @@ WRITER = textwrap.dedent(
     """
     import mmap, sys, time
     from migcore import Region
-    from migcore.workload import Workload
+    from migcore.bench.workload import Workload
     f = open(sys.argv[1], "r+b")
     m = mmap.mmap(f.fileno(), 0)
     w = Workload(Region(m), dirty_rate=2 << 20, mark=False, seed=3)
@@ -206,7 +207,7 @@ def test_send_receive_a_file_another_process_writes(
     out, err = recv.communicate(timeout=60)
     assert recv.returncode == 0, out + err
     # the writer stays stopped after a successful migration (--after stop): the file is final
-    assert cli._process_stopped(wproc.pid)
+    assert cli_send.process_stopped(wproc.pid)
     os.kill(wproc.pid, signal.SIGKILL)
     wproc.wait()
     assert (tmp_path / "out.bin").read_bytes() == path.read_bytes()
@@ -242,7 +243,7 @@ def test_failure_after_the_pause_resumes_the_writer(
     )  # fmt: skip
     assert failed.returncode == 1, failed.stdout + failed.stderr
     assert "resumed process" in failed.stderr
-    assert not cli._process_stopped(wproc.pid)  # SIGCONT: the writer carries on at the source
+    assert not cli_send.process_stopped(wproc.pid)  # SIGCONT: the writer carries on at the source
     # the receiver discarded that attempt and still serves the next one
     (tmp_path / "state").write_bytes(b"small")
     ok = run_cli(

@@ -18,7 +18,7 @@ import pytest
 from migcore import _kernels, _residency, _userfault
 from migcore._region import Region, new_bitmap
 from migcore._trackers import hash_delta_parallel, zero_page_hashes, zero_pages_parallel
-from migcore.workload import fill
+from migcore.bench.workload import fill
 
 PS = mmap.PAGESIZE
 pytestmark = pytest.mark.skipif(

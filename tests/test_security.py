@@ -225,6 +225,7 @@ def test_cli_receive_refuses_a_public_bind_without_authentication() -> None:
 
 def test_cli_builds_tls_and_token_options(pki: Pki, tmp_path: Path) -> None:
     from migcore import cli
+    from migcore.cli import common
 
     secret = tmp_path / "token"
     secret.write_bytes(b"from-a-file\n")
@@ -234,12 +235,12 @@ def test_cli_builds_tls_and_token_options(pki: Pki, tmp_path: Path) -> None:
         "--tls-ca", str(pki.ca), "--token-file", str(secret), "--compress", "lz4", "--delta", "--streams", "3",
         "--bandwidth-limit", "50MiB/s",
     ])
-    opts = cli._migrate_options(args)
+    opts = common.migrate_options(args)
     assert opts["token"] == b"from-a-file" and opts["compress"] == "lz4" and opts["delta"] and opts["streams"] == 3
     assert opts["bandwidth_limit"] == 50 * MIB and isinstance(opts["tls"], ssl.SSLContext)
     args = parser.parse_args([
         "receive", "tcp://127.0.0.1:0", "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
         "--tls-ca", str(pki.ca), "--token", "t",
     ])
-    server = cli._tls_context(args, server=True)
+    server = common.tls_context(args, server=True)
     assert server is not None and server.verify_mode == ssl.CERT_REQUIRED

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from migcore import Region
-from migcore.workload import FLIP_MASK, Workload, fill, touch
+from migcore.bench.workload import FLIP_MASK, Workload, fill, touch
 
 PS = 4096
 
@@ -342,3 +342,27 @@ def test_fill_of_an_allocated_region_zeroes_what_was_there(write_zeros: bool) ->
     reference = Region(bytearray(64 * PS + 100), PS)
     fill(reference, random_fraction=0.25, seed=3)
     assert bytes(reference.view) == bytes(region.view)
+
+
+def test_pages_pool_rewritten_whole_every_batch() -> None:
+    region = Region(bytearray(32 * PS), PS)
+    pool = np.array([3, 9, 17, 30])
+    w = Workload(region, pattern="sequential", pages=pool, batch_pages=len(pool), mark=False)
+    for _ in range(3):
+        assert w.step().tolist() == pool.tolist()
+    assert w.hot_pages.tolist() == pool.tolist()
+    with pytest.raises(ValueError, match="pages must be"):
+        Workload(region, pages=[32])
+
+
+@pytest.mark.parametrize("flipflop", [False, True])
+def test_shadow_stays_a_copy_of_the_region(flipflop: bool) -> None:
+    region = Region(bytearray(16 * PS + 100), PS)  # partial last page
+    fill(region, random_fraction=0.5, seed=1)
+    shadow = region.array().copy()
+    w = Workload(region, batch_pages=5, flipflop=flipflop, write_bytes=64, shadow=shadow, mark=False)
+    for _ in range(20):
+        w.step()
+    assert np.array_equal(region.array(), shadow)
+    with pytest.raises(ValueError, match="shadow"):
+        Workload(region, shadow=bytearray(PS))

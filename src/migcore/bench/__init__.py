@@ -12,14 +12,20 @@ Modules, one job each: ``_grid`` (the scenarios), ``destination`` (the
 destination process), ``_runs`` (the source side of one measurement),
 ``_resources`` (CPU and RSS), ``_machine`` (the machine description),
 ``_targets`` (the PASS/FAIL checks), ``_report`` (files, tables, Markdown),
-``_plots`` (PNG plots) and ``_suite`` (one whole run).
+``_plots`` (PNG plots), ``_suite`` (one whole run) and ``workload`` (the
+live writer that plays the running program). Sizes and rates arrive as
+numbers: parsing what a person typed is the command line's job.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["BenchConfig", "run_bench"]
+if TYPE_CHECKING:
+    from migcore.bench._grid import Rate
+    from migcore.bench._suite import BenchConfig, run_bench
+
+__all__ = ["BenchConfig", "Rate", "run_bench"]
 
 
 def __getattr__(name: str) -> Any:

@@ -67,20 +67,6 @@ class Scenario:
         return f"{self.mode}-{self.size // MIB}MiB-{self.fill}-{self.pattern}-{self.rate.label}{opts}"
 
 
-def parse_rate(text: str) -> Rate:
-    """``0.25`` (fraction of the bare-socket bandwidth), ``0.25x``, or an absolute ``200MiB/s``."""
-    t = text.strip().lower()
-    if t.endswith("/s"):
-        from migcore.cli import parse_size
-
-        return Rate(absolute=float(parse_size(t[:-2])))
-    t = t.rstrip("x")
-    value = float(t)
-    if value < 0:
-        raise ValueError(f"dirty rate must be >= 0, got {text!r}")
-    return Rate(fraction=value)
-
-
 def available_options(migrate: Any) -> list[str]:
     """The optional migrate() parameters this migcore has (feature detection by signature)."""
     params = inspect.signature(migrate).parameters

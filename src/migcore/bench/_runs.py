@@ -21,7 +21,7 @@ import xxhash
 
 import migcore
 from migcore import _kernels
-from migcore import workload as _workload
+from migcore.bench import workload as _workload
 from migcore._region import Region, new_bitmap
 from migcore.bench import _resources
 from migcore.bench._grid import FILLS, Scenario, option_value

@@ -18,7 +18,7 @@ page alternates between exactly two contents (the A-B-A pattern that defeats
 delta detection done against what the source *meant* to send).
 
 The sequence of pages chosen depends only on ``seed``, ``pattern``,
-``hotset_fraction`` and ``batch_pages``, never on timing: batch *k* of two
+``hotset_fraction``, ``pages`` and ``batch_pages``, never on timing: batch *k* of two
 workloads built alike touches the same pages. :meth:`Workload.step` writes
 one batch on the caller's thread, for tests and benchmarks that want to
 drive the writes themselves.
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import math
-import mmap
 import threading
 import time
 from dataclasses import dataclass
@@ -36,11 +35,12 @@ from types import TracebackType
 from typing import Any, Literal
 
 import numpy as np
-from numpy.typing import NDArray
+from numpy.typing import ArrayLike, NDArray
 
 from migcore._region import Region
+from migcore.bench._pages import FLIP_MASK, as_region, fill, touch
 
-__all__ = ["PATTERNS", "Workload", "WorkloadStats", "fill", "touch"]
+__all__ = ["FLIP_MASK", "PATTERNS", "Workload", "WorkloadStats", "fill", "touch"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,124 +53,6 @@ BATCH_INTERVAL = 0.01
 MAX_BATCH_PAGES = 8192
 #: If the writer falls this far behind its schedule it forgets the debt instead of bursting.
 MAX_LAG = 0.1
-#: XOR mask used by ``flipflop`` writes.
-FLIP_MASK = np.uint64(0xA5A5_5A5A_F00F_0FF0)
-_GOLDEN = np.uint64(0x9E37_79B9_7F4A_7C15)
-
-
-def _u64(value: int) -> np.uint64:
-    return np.uint64(value & 0xFFFF_FFFF_FFFF_FFFF)
-
-
-def _as_region(buffer: Any, page_size: int) -> Region:
-    return buffer if isinstance(buffer, Region) else Region(buffer, page_size)
-
-
-def _full_pages_u8(region: Region) -> NDArray[np.uint8]:
-    """The region's whole pages as a writable ``(nfull, page_size)`` uint8 array (no copy)."""
-    nfull = region.nbytes // region.page_size
-    return region.array()[: nfull * region.page_size].reshape(nfull, region.page_size)
-
-
-def fill(
-    region: Region | Any,
-    *,
-    random_fraction: float = 0.5,
-    seed: int = 0,
-    page_size: int = 4096,
-    chunk_pages: int = 4096,
-    write_zeros: bool = False,
-) -> NDArray[np.intp]:
-    """Fill a ``random_fraction`` of the region's pages with random bytes; zero the rest.
-
-    Which pages are random, and their bytes, depend only on ``seed``. Returns
-    the sorted indices of the random pages. Works in chunks of
-    ``chunk_pages`` so it never holds a second copy of the region.
-
-    A region from ``Region.allocate`` is zeroed by giving its memory back
-    (``MADV_DONTNEED``), so its zero pages hold no memory, as in a program
-    whose large allocation is only partly used; ``write_zeros`` writes the
-    zeros instead, so every page is backed by memory (the harder case for a
-    zero scan).
-    """
-    if not 0.0 <= random_fraction <= 1.0:
-        raise ValueError(f"random_fraction must be in [0, 1], got {random_fraction}")
-    region = _as_region(region, page_size)
-    rng = np.random.default_rng(seed)
-    nrandom = round(random_fraction * region.npages)
-    pages = np.sort(rng.choice(region.npages, size=nrandom, replace=False)).astype(np.intp)
-    arr = region.array()
-    mapping = region._mapping
-    if mapping is not None and not write_zeros:
-        mapping.madvise(mmap.MADV_DONTNEED)  # private anonymous: reads as zeros, holds no memory
-    else:
-        arr[:] = 0
-    ps = region.page_size
-    nfull = region.nbytes // ps
-    full = _full_pages_u8(region)
-    whole = pages[pages < nfull]
-    for lo in range(0, len(whole), chunk_pages):
-        chunk = whole[lo : lo + chunk_pages]
-        full[chunk] = np.frombuffer(rng.bytes(len(chunk) * ps), dtype=np.uint8).reshape(len(chunk), ps)
-    if len(whole) < len(pages):  # the partial last page
-        tail = arr[nfull * ps :]
-        tail[:] = np.frombuffer(rng.bytes(len(tail)), dtype=np.uint8)
-    return pages
-
-
-def touch(
-    region: Region,
-    pages: NDArray[np.integer[Any]],
-    *,
-    generation: int = 1,
-    write_bytes: int = 8,
-    flipflop: bool = False,
-    mark: bool = True,
-) -> None:
-    """Write ``write_bytes`` bytes at the start of each page in ``pages`` (unique indices).
-
-    Without ``flipflop`` the bytes are derived from ``generation`` and the page
-    index, so a later generation changes the page again; with it they are
-    XOR-ed with a fixed mask, so each touch toggles the page between two
-    contents. With ``mark`` the pages are reported to the region
-    (``Region.mark_pages``) after they are written. One vectorized assignment
-    for the whole pages, and at most one small one for a partial last page.
-    """
-    pages = np.asarray(pages, dtype=np.intp)
-    if pages.size == 0:
-        return
-    ps = region.page_size
-    if write_bytes < 8 or write_bytes > ps or write_bytes % 8:
-        raise ValueError(f"write_bytes must be a multiple of 8 from 8 to the page size {ps}, got {write_bytes}")
-    if pages.min() < 0 or pages.max() >= region.npages:
-        raise ValueError(f"page index outside the region's {region.npages} pages")
-    nfull = region.nbytes // ps
-    words = write_bytes // 8
-    arr = region.array()
-    whole = pages[pages < nfull]
-    if whole.size:
-        # (nfull, ps // 8) uint64 view of the whole pages; unaligned buffers are fine for NumPy
-        grid = arr[: nfull * ps].view(np.uint64).reshape(nfull, ps // 8)
-        if flipflop:
-            grid[whole, :words] ^= FLIP_MASK
-        else:
-            base = (whole.astype(np.uint64) + np.uint64(1)) * _GOLDEN ^ _u64(generation)
-            if words == 1:
-                grid[whole, 0] = base
-            else:
-                grid[whole, :words] = base[:, None] + np.arange(words, dtype=np.uint64) * _GOLDEN
-    if whole.size < pages.size:  # the partial last page: never write past the end
-        tail = arr[nfull * ps :]
-        n = min(write_bytes, tail.size)
-        if flipflop:
-            mask = np.full(1 + n // 8, FLIP_MASK, dtype=np.uint64).view(np.uint8)[:n]
-            tail[:n] ^= mask
-        else:
-            last = np.array([region.npages], dtype=np.uint64) * _GOLDEN ^ _u64(generation)
-            vals = last + np.arange(1 + n // 8, dtype=np.uint64) * _GOLDEN
-            tail[:n] = vals.view(np.uint8)[:n]
-    if mark:
-        region.mark_pages(pages)
 
 
 @dataclass(frozen=True)
@@ -194,6 +76,31 @@ class WorkloadStats:
     max_throttle_level: int
 
 
+def _check_options(
+    region: Region, dirty_rate: float | None, pattern: str, hotset_fraction: float, write_bytes: int
+) -> float:
+    """Raise on a bad option; return ``dirty_rate`` as a float (``inf`` for None)."""
+    if pattern not in PATTERNS:
+        raise ValueError(f"unknown pattern {pattern!r}; choose one of {list(PATTERNS)}")
+    rate = math.inf if dirty_rate is None else float(dirty_rate)
+    if math.isnan(rate) or rate < 0:
+        raise ValueError(f"dirty_rate must be >= 0 bytes per second (or None for unbounded), got {rate}")
+    if not 0.0 < hotset_fraction <= 1.0:
+        raise ValueError(f"hotset_fraction must be in (0, 1], got {hotset_fraction}")
+    ps = region.page_size
+    if write_bytes < 8 or write_bytes > ps or write_bytes % 8:
+        raise ValueError(f"write_bytes must be a multiple of 8 from 8 to the page size {ps}, got {write_bytes}")
+    return rate
+
+
+def _shadow_region(region: Region, shadow: Any) -> Region:
+    """``shadow`` as a Region laid out like ``region`` (the same size and pages)."""
+    out = as_region(shadow, region.page_size)
+    if out.nbytes != region.nbytes:
+        raise ValueError(f"the shadow holds {out.nbytes} bytes, the region {region.nbytes}")
+    return out
+
+
 class Workload:
     """A background writer that dirties ``region`` at ``dirty_rate`` bytes per second.
 
@@ -205,7 +112,7 @@ class Workload:
     :param pattern: ``"uniform"`` (any page, uniformly at random),
         ``"hotset"`` (only a fixed random set of ``hotset_fraction`` of the
         pages, see :attr:`hot_pages`) or ``"sequential"`` (pages in order,
-        wrapping around at the end).
+        wrapping around at the end); each draws from ``pages`` when given.
     :param seed: seeds the choice of pages (and of the hot set).
     :param mark: report every write with ``Region.mark_pages`` after it lands,
         for the ``"writes"`` tracker.
@@ -213,6 +120,12 @@ class Workload:
     :param write_bytes: bytes written at the start of each dirtied page.
     :param batch_pages: pages per batch; by default about 10 ms worth at
         ``dirty_rate``.
+    :param pages: the pages to draw from instead of the pattern's own
+        (``"sequential"`` with ``batch_pages=len(pages)`` rewrites all of them
+        in every batch: a dirty set that never shrinks).
+    :param shadow: a writable buffer the size of the region, holding a copy
+        of it; every write lands there too, so it stays a copy (what a test
+        compares the region with after a cancelled migration).
 
     :meth:`pause` is the ``pause`` callable for ``migcore.migrate()`` and
     :meth:`throttle` its ``throttle`` callback.
@@ -231,43 +144,31 @@ class Workload:
         write_bytes: int = 8,
         batch_pages: int | None = None,
         page_size: int = 4096,
+        pages: ArrayLike | None = None,
+        shadow: Any = None,
     ) -> None:
-        self.region = _as_region(region, page_size)
-        if pattern not in PATTERNS:
-            raise ValueError(f"unknown pattern {pattern!r}; choose one of {list(PATTERNS)}")
-        if dirty_rate is None:
-            dirty_rate = math.inf
-        dirty_rate = float(dirty_rate)
-        if math.isnan(dirty_rate) or dirty_rate < 0:
-            raise ValueError(f"dirty_rate must be >= 0 bytes per second (or None for unbounded), got {dirty_rate}")
-        if not 0.0 < hotset_fraction <= 1.0:
-            raise ValueError(f"hotset_fraction must be in (0, 1], got {hotset_fraction}")
+        self.region = as_region(region, page_size)
+        dirty_rate = _check_options(self.region, dirty_rate, pattern, hotset_fraction, write_bytes)
         ps = self.region.page_size
-        if write_bytes < 8 or write_bytes > ps or write_bytes % 8:
-            raise ValueError(f"write_bytes must be a multiple of 8 from 8 to the page size {ps}, got {write_bytes}")
         self.pattern: str = pattern
         self.dirty_rate = dirty_rate
         self.seed = seed
         self.mark = mark
         self.flipflop = flipflop
         self.write_bytes = write_bytes
-        npages = self.region.npages
         self._rng = np.random.default_rng(seed)
-        nhot = max(1, math.ceil(hotset_fraction * npages))
-        #: The pages the ``"hotset"`` pattern writes (sorted); all pages for the other patterns.
-        self.hot_pages: NDArray[np.intp] = (
-            np.sort(self._rng.choice(npages, size=nhot, replace=False)).astype(np.intp)
-            if pattern == "hotset"
-            else np.arange(npages, dtype=np.intp)
-        )
+        #: The pages the pattern draws from (sorted): ``pages`` if given, else the ``"hotset"``
+        #: pattern's random hot set, else every page.
+        self.hot_pages: NDArray[np.intp] = self._pool(pages, hotset_fraction)
+        self._shadow = None if shadow is None else _shadow_region(self.region, shadow)
         if batch_pages is None:
             pages_per_s = dirty_rate / ps
             batch_pages = MAX_BATCH_PAGES if math.isinf(pages_per_s) else round(pages_per_s * BATCH_INTERVAL)
         pool = len(self.hot_pages)
         self.batch_pages = int(max(1, min(batch_pages, MAX_BATCH_PAGES, pool)))
-        self._cursor = 0  # next page of the sequential pattern
+        self._cursor = 0  # position in hot_pages of the sequential pattern's next page
         self._generation = 0
-        self._touched = np.zeros(npages, dtype=np.bool_)
+        self._touched = np.zeros(self.region.npages, dtype=np.bool_)
         self._pages_written = 0
         self._batches = 0
         self._level = 0
@@ -288,15 +189,26 @@ class Workload:
 
     # ---- choosing and writing pages -------------------------------------------------
 
+    def _pool(self, pages: ArrayLike | None, hotset_fraction: float) -> NDArray[np.intp]:
+        npages = self.region.npages
+        if pages is not None:
+            pool = np.unique(np.asarray(pages, dtype=np.intp))
+            if pool.size == 0 or pool[0] < 0 or pool[-1] >= npages:
+                raise ValueError(f"pages must be a non-empty set of indices below the region's {npages} pages")
+            return pool
+        if self.pattern == "hotset":
+            nhot = max(1, math.ceil(hotset_fraction * npages))
+            return np.sort(self._rng.choice(npages, size=nhot, replace=False)).astype(np.intp)
+        return np.arange(npages, dtype=np.intp)
+
     def _choose(self) -> NDArray[np.intp]:
         """The sorted, unique pages of the next batch (depends only on the seed and past batches)."""
         n = self.batch_pages
-        if self.pattern == "sequential":
-            npages = self.region.npages
-            pages = (self._cursor + np.arange(n, dtype=np.intp)) % npages
-            self._cursor = (self._cursor + n) % npages
-            return np.unique(pages)
         pool = self.hot_pages
+        if self.pattern == "sequential":
+            pages = pool[(self._cursor + np.arange(n, dtype=np.intp)) % len(pool)]
+            self._cursor = (self._cursor + n) % len(pool)
+            return np.unique(pages)
         picks = self._rng.integers(0, len(pool), size=n)
         return np.unique(pool[picks])
 
@@ -316,6 +228,15 @@ class Workload:
             flipflop=self.flipflop,
             mark=self.mark,
         )
+        if self._shadow is not None:  # the same bytes: generation writes repeat, XOR toggles alike
+            touch(
+                self._shadow,
+                pages,
+                generation=self._generation + (self.seed << 32),
+                write_bytes=self.write_bytes,
+                flipflop=self.flipflop,
+                mark=False,
+            )
         self._touched[pages] = True
         self._pages_written += len(pages)
         self._batches += 1
@@ -490,4 +411,4 @@ class Workload:
 
     def __repr__(self) -> str:
         rate = "unbounded" if math.isinf(self.dirty_rate) else f"{self.dirty_rate:.0f} B/s"
-        return f"<migcore.workload.Workload {self.pattern} {rate} on {self.region!r}>"
+        return f"<migcore.bench.workload.Workload {self.pattern} {rate} on {self.region!r}>"

@@ -1,0 +1,142 @@
+"""What the commands share: the choice lists, the migration and authentication options, TLS and tokens.
+
+``send`` and ``demo`` take the same migration options (``add_migrate_options``)
+and turn them into ``migcore.migrate()`` keywords (``migrate_options``);
+``send``, ``receive`` and ``demo`` take the same token and TLS options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import ssl
+from pathlib import Path
+from typing import Any
+
+from migcore._trackers import TRACKERS as _TRACKER_KINDS  # replaced by migcore.options at merge
+from migcore.cli.units import parse_duration, parse_rate, parse_size
+
+MODES = ("precopy", "stopcopy", "postcopy", "hybrid")
+TRACKERS = ("auto", *_TRACKER_KINDS)
+ON_STALL = ("finish", "throttle", "postcopy", "cancel")
+CODECS = ("zstd", "lz4")
+
+
+def add_migrate_options(p: argparse.ArgumentParser, *, default_tracker: str) -> None:
+    """The options of one migration (mode, convergence, tracker, transfer, auth), shared by send and demo."""
+    p.add_argument("--mode", choices=MODES, default="precopy", help="migration mode (default: %(default)s)")
+    p.add_argument("--page-size", type=parse_size, default=4096, help="page size, a power of two (default: 4096)")
+    p.add_argument(
+        "--downtime-limit",
+        type=parse_duration,
+        default=0.3,
+        metavar="SECONDS",
+        help="switch over when the expected pause is under this (default: 0.3; also 300ms)",
+    )
+    p.add_argument("--max-rounds", type=int, default=30, help="pre-copy rounds before giving up on convergence")
+    p.add_argument("--on-stall", choices=ON_STALL, default=None, help="what to do when pre-copy stops converging")
+    p.add_argument("--tracker", choices=TRACKERS, default=default_tracker, help="dirty-page tracker")
+    p.add_argument("--compat", default=None, metavar="S", help="application compatibility string; both ends must agree")
+    p.add_argument("--timeout", type=parse_duration, default=60.0, metavar="SECONDS", help="longest wait for the peer")
+    p.add_argument("--no-progress", action="store_true", help="do not draw progress bars")
+    _add_transfer_options(p)
+    add_auth_options(p)
+
+
+def _add_transfer_options(p: argparse.ArgumentParser) -> None:
+    """How pages travel: compression, deltas, parallel streams, bandwidth caps."""
+    p.add_argument("--compress", choices=CODECS, default=None, help="compress page batches with this codec")
+    p.add_argument("--delta", action="store_true", help="send pages sent again as XBZRLE deltas")
+    p.add_argument(
+        "--delta-cache-size", type=parse_size, default=64 << 20, metavar="SIZE",
+        help="page cache of --delta (default: 64MiB)",
+    )
+    p.add_argument("--streams", type=int, default=1, help="parallel page connections (default: 1, the main one)")
+    p.add_argument(
+        "--bandwidth-limit", type=parse_rate, default=None, metavar="RATE", help="cap page traffic, e.g. 100MiB/s"
+    )
+    p.add_argument(
+        "--postcopy-bandwidth-limit", type=parse_rate, default=None, metavar="RATE",
+        help="cap the background push after a post-copy switch (demand pages are never held back)",
+    )
+
+
+def add_auth_options(p: argparse.ArgumentParser) -> None:
+    """--token/--token-file and --tls-cert/--tls-key/--tls-ca, shared by send, receive and demo."""
+    p.add_argument("--token", default=None, metavar="SECRET", help="shared secret both ends must hold (HMAC-proven)")
+    p.add_argument("--token-file", default=None, metavar="F", help="read the shared secret from F's first line")
+    p.add_argument("--tls-cert", default=None, metavar="PEM", help="this side's certificate (TLS 1.3)")
+    p.add_argument("--tls-key", default=None, metavar="PEM", help="the private key of --tls-cert")
+    p.add_argument(
+        "--tls-ca", default=None, metavar="PEM",
+        help="CA that signs the peer: the source checks the destination with it; the destination then requires "
+        "client certificates (mutual auth)",
+    )
+
+
+def migrate_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword options of ``migcore.migrate()`` set on the command line."""
+    opts: dict[str, Any] = {
+        "mode": args.mode,
+        "tracker": args.tracker,
+        "downtime_limit": args.downtime_limit,
+        "max_rounds": args.max_rounds,
+        "timeout": args.timeout,
+        "compat": args.compat,
+    }
+    if args.on_stall is not None:
+        opts["on_stall"] = args.on_stall
+    # transfer modes: only what was asked, so the defaults stay the library's
+    if args.compress is not None:
+        opts["compress"] = args.compress
+    if args.delta:
+        opts["delta"] = True
+        opts["delta_cache_bytes"] = args.delta_cache_size
+    if args.streams != 1:
+        opts["streams"] = args.streams
+    if args.bandwidth_limit is not None and not math.isinf(args.bandwidth_limit):
+        opts["bandwidth_limit"] = args.bandwidth_limit
+    if args.postcopy_bandwidth_limit is not None and not math.isinf(args.postcopy_bandwidth_limit):
+        opts["postcopy_bandwidth_limit"] = args.postcopy_bandwidth_limit
+    secret = token(args)
+    if secret is not None:
+        opts["token"] = secret
+    tls = tls_context(args, server=False)
+    if tls is not None:
+        opts["tls"] = tls
+    return opts
+
+
+def token(args: argparse.Namespace) -> bytes | None:
+    """The shared token from --token or --token-file (its first line; a file keeps it out of ``ps``)."""
+    if getattr(args, "token_file", None):
+        lines = Path(args.token_file).read_bytes().splitlines()
+        return lines[0] if lines else b""
+    secret = getattr(args, "token", None)
+    return secret.encode() if secret else None
+
+
+def tls_context(args: argparse.Namespace, *, server: bool) -> ssl.SSLContext | None:
+    """A TLS 1.3 context from --tls-cert/--tls-key/--tls-ca, or None when none of them was given.
+
+    Source: verifies the destination against --tls-ca (or the system's CAs)
+    and presents --tls-cert if given. Destination: presents --tls-cert and,
+    with --tls-ca, requires a client certificate signed by it (mutual auth).
+    """
+    cert, key, ca = (getattr(args, name, None) for name in ("tls_cert", "tls_key", "tls_ca"))
+    if not (cert or key or ca):
+        return None
+    if server:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        if not cert:
+            raise SystemExit("migcore receive: --tls-ca or --tls-key needs --tls-cert (the destination's certificate)")
+        ctx.load_cert_chain(cert, key)
+        if ca:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(ca)
+    else:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+        if cert:
+            ctx.load_cert_chain(cert, key)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    return ctx

@@ -1,0 +1,201 @@
+"""``migcore send``: migrate a file or ``/dev/shm`` segment that another process keeps writing.
+
+The hash tracker sees writes from any process; ``--pause-signal PID`` stops
+the writer (SIGSTOP) at the pause and lets it carry on (SIGCONT) if the
+migration fails before the switchover.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import mmap
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+import migcore
+from migcore.cli.common import add_migrate_options, migrate_options
+from migcore.cli.display import RoundProgress, logger, stats_table
+from migcore.cli.units import format_size
+
+
+def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    """The ``send`` subcommand and its options."""
+    send = sub.add_parser(
+        "send", parents=[common], help="migrate a file or /dev/shm segment that another process writes"
+    )
+    send.add_argument("path", metavar="PATH", help="a regular file or a POSIX shared-memory segment (/dev/shm/NAME)")
+    send.add_argument("address", metavar="ADDRESS", help="the destination, e.g. tcp://HOST:PORT")
+    send.add_argument(
+        "--pause-signal",
+        type=int,
+        default=None,
+        metavar="PID",
+        help="SIGSTOP this process (the writer) at the pause; SIGCONT it if the migration fails before the switchover",
+    )
+    send.add_argument(
+        "--after",
+        choices=("stop", "cont", "term"),
+        default="stop",
+        help="what to do with --pause-signal's process after success: leave it stopped (default), "
+        "SIGCONT it, or SIGTERM it",
+    )
+    send.add_argument(
+        "--state-file", default=None, metavar="F", help="send this file's bytes (read after the pause) as the state"
+    )
+    add_migrate_options(send, default_tracker="hash")
+    send.set_defaults(func=run)
+
+
+def process_stopped(pid: int) -> bool:
+    """Whether ``pid`` is stopped (or gone): nothing runs there that could write."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # gone (or no procfs): nothing runs there
+    state = stat.rsplit(")", 1)[1].split()[0]
+    return state in ("T", "t", "Z", "X")
+
+
+def _stop_process(pid: int, timeout: float = 5.0) -> None:
+    """SIGSTOP ``pid`` and return once it is really stopped (no write in flight)."""
+    try:
+        os.kill(pid, signal.SIGSTOP)
+    except ProcessLookupError:
+        logger.warning("process %d is gone: nothing writes the region any more", pid)
+        return
+    deadline = time.monotonic() + timeout
+    while not process_stopped(pid):
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+            raise migcore.MigrationError(f"process {pid} did not stop within {timeout:g} s after SIGSTOP")
+        time.sleep(0.001)
+
+
+@contextlib.contextmanager
+def _mapped(path: Path) -> Iterator[mmap.mmap]:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            raise SystemExit(f"migcore send: {path} is empty; nothing to migrate")
+        mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+    try:
+        yield mapping
+    finally:
+        with contextlib.suppress(BufferError):
+            mapping.close()
+
+
+class _Writer:
+    """The other process that writes the region: paused, resumed and read through migrate()'s callbacks."""
+
+    def __init__(self, pid: int | None, state_file: Path | None) -> None:
+        self.pid = pid
+        self.state_file = state_file
+        self.paused = threading.Event()
+        self.resumed = threading.Event()
+
+    def pause(self) -> None:
+        if self.pid is not None:
+            _stop_process(self.pid)
+            logger.info("stopped process %d", self.pid)
+        self.paused.set()
+
+    def state(self) -> bytes:
+        if self.state_file is None:
+            return b""
+        try:
+            return self.state_file.read_bytes()
+        except OSError as exc:  # a MigrationError makes migrate() resume the writer and fail cleanly
+            raise migcore.MigrationError(f"cannot read the state file: {exc}") from exc
+
+    def cont(self, why: str) -> None:
+        if self.pid is not None and self.paused.is_set():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGCONT)
+            self.resumed.set()
+            logger.info("resumed process %d (%s)", self.pid, why)
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    path = Path(args.path)
+    if not path.exists():
+        console.print(f"[red]migcore send: {path} does not exist[/]")
+        return 2
+    if args.tracker == "writes":
+        console.print("[red]migcore send: the writes tracker cannot see another process's writes; use hash[/]")
+        return 2
+    if args.pause_signal is None:
+        logger.warning(
+            "no --pause-signal PID: the final pass is consistent only if nothing writes %s while it runs", path
+        )
+    writer = _Writer(args.pause_signal, Path(args.state_file) if args.state_file else None)
+    sent = _migrate(args, console, path, writer)
+    if sent is None:
+        return 1
+    stats, bar = sent
+    table = stats_table(
+        f"sent {path}", stats, expected_downtime=bar.expected_downtime, downtime_limit=args.downtime_limit
+    )
+    console.print(table)
+    _after(args.after, writer, console)
+    return 0
+
+
+def _migrate(
+    args: argparse.Namespace, console: Console, path: Path, writer: _Writer
+) -> tuple[migcore.MigrationStats, RoundProgress] | None:
+    """Map ``path`` and migrate it; the stats and the bars, or None when the migration failed."""
+    opts = migrate_options(args)
+    opts["tracker"] = "hash" if args.tracker == "auto" else args.tracker
+    opts.update(
+        pause=writer.pause, state=writer.state, resume=lambda: writer.cont("migration failed before the switchover")
+    )
+    with _mapped(path) as mapping:
+        region = migcore.Region(mapping, args.page_size)
+        console.print(f"sending {path} ({format_size(region.nbytes)}) to {args.address}, mode {args.mode}")
+        try:
+            with RoundProgress(console, enabled=not args.no_progress) as bar:
+                stats = migcore.migrate(region, args.address, progress=bar, **opts)
+        except migcore.MigrationError as exc:
+            console.print(f"[red bold]migration failed:[/] {exc}")
+            if writer.pid is not None and writer.paused.is_set() and not writer.resumed.is_set():
+                logger.error(
+                    "the migration failed after the switchover (or with the outcome in doubt): "
+                    "process %d stays stopped; the destination may hold the newest state",
+                    writer.pid,
+                )
+            return None
+        except BaseException:
+            writer.cont("interrupted")
+            raise
+        finally:
+            del region
+    return stats, bar
+
+
+def _after(after: str, writer: _Writer, console: Console) -> None:
+    """What ``--after`` says to do with the writer once the migration succeeded."""
+    pid = writer.pid
+    if pid is None:
+        return
+    if after == "cont":
+        writer.cont("--after cont")
+    elif after == "term":
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signal.SIGCONT)
+        logger.info("terminated process %d", pid)
+    else:
+        console.print(f"process {pid} stays stopped (its memory now lives at the destination)")
