@@ -32,6 +32,7 @@ from migcore._errors import (
     VerificationError,
 )
 from migcore._region import Region, U64, check_page_size, count_bits_in, new_bitmap, runs_in
+from migcore._peer_errors import error_frame_for, error_from_peer
 from migcore._security import authenticate_destination
 from migcore._stats import MigrationStats, StatsRecorder
 from migcore._streams import StreamReceivers, accept_streams
@@ -87,37 +88,6 @@ def _discard_region(region: Region) -> None:
             mapping.close()
     except BufferError:  # someone still holds a view of it: let the garbage collector free it
         pass
-
-
-def _error_frame_for(exc: BaseException) -> bytes | None:
-    """The ERROR frame that tells the source why this side gave up (None: nothing to say)."""
-    if isinstance(exc, VerificationError):
-        return P.encode_error(P.ErrorCode.VERIFICATION, str(exc))
-    if isinstance(exc, AuthenticationError):
-        return P.encode_error(P.ErrorCode.AUTHENTICATION, str(exc))
-    if isinstance(exc, ProtocolError):
-        return P.encode_error(P.ErrorCode.PROTOCOL, str(exc))
-    if isinstance(exc, MigrationTimeout):
-        return P.encode_error(P.ErrorCode.TIMEOUT, str(exc))
-    if isinstance(exc, (PeerLostError, MigrationCancelled)):
-        return None
-    return P.encode_error(P.ErrorCode.INTERNAL, f"destination failed: {exc!r}")
-
-
-def error_from_peer(code: P.ErrorCode, message: str, who: str) -> MigrationError:
-    """The exception that mirrors an ERROR frame from the peer."""
-    text = f"{who} reported: {message}"
-    if code is P.ErrorCode.VERIFICATION:
-        return VerificationError(text)
-    if code is P.ErrorCode.PROTOCOL:
-        return ProtocolError(text)
-    if code is P.ErrorCode.TIMEOUT:
-        return MigrationTimeout(text)
-    if code is P.ErrorCode.COMPATIBILITY:
-        return CompatibilityError(text)
-    if code is P.ErrorCode.AUTHENTICATION:
-        return AuthenticationError(text)
-    return MigrationError(text)
 
 
 class Destination:
@@ -258,7 +228,7 @@ class Destination:
         """Rule 3 before the switchover: tell the source why (if we can), drop what arrived."""
         status = "cancelled" if isinstance(exc, MigrationCancelled) else "failed"
         self.stats.finish(status, str(exc))
-        frame = None if self.conn.closed else _error_frame_for(exc)
+        frame = None if self.conn.closed else error_frame_for(exc)
         if frame is not None:
             self.conn.abort_soon(frame)
         else:
@@ -625,7 +595,7 @@ class Received:
                     code, message = P.decode_error(bytes(dest.read_body(header, P.MAX_CONTROL_BODY, "reading ERROR")))
                     raise error_from_peer(code, message, "the source")
         except BaseException as exc:  # noqa: BLE001 - stored and re-raised by wait()/ensure()
-            frame = None if dest.conn.closed else _error_frame_for(exc)
+            frame = None if dest.conn.closed else error_frame_for(exc)
             with self._send_lock:
                 if frame is not None:
                     dest.conn.abort_soon(frame)

@@ -26,7 +26,8 @@ from migcore import _codecs, _kernels, _residency
 from migcore import _protocol as P
 from migcore._bandwidth import TokenBucket
 from migcore._delta import DEFAULT_CACHE_BYTES, DeltaCache
-from migcore._destination import error_from_peer
+from migcore._peer_errors import error_from_peer
+from migcore._convergence import Action, Convergence
 from migcore._errors import (
     MigrationCancelled,
     MigrationError,
@@ -56,15 +57,8 @@ ZERO_WINDOW = 16
 POSTCOPY_SNDBUF = 2 * POSTCOPY_BATCH_BYTES
 #: Most runs the source puts in one frame.
 BATCH_RUNS = 256
-#: Rounds without the dirty set shrinking before the migration counts as stalled.
-STALL_ROUNDS = 3
 #: Seconds between progress reports inside a long round.
 PROGRESS_INTERVAL = 0.1
-#: Rounds that moved less than this give no trustworthy bandwidth figure.
-MIN_BANDWIDTH_SAMPLE = 256 << 10
-THROTTLE_INITIAL = 20
-THROTTLE_INCREMENT = 10
-THROTTLE_MAX = 99
 
 ON_STALL = ("finish", "postcopy", "throttle", "cancel")
 
@@ -122,10 +116,15 @@ class Source:
         self.paused_at: float | None = None
         self.switched = False
         self.in_doubt = False
-        self.throttle_level = 0
+        self.policy = Convergence(
+            downtime_limit=opts.downtime_limit,
+            max_rounds=opts.max_rounds,
+            on_stall=opts.on_stall,
+            can_throttle=opts.throttle is not None,
+            bandwidth_cap=opts.bandwidth_limit,
+        )
         self.last_progress = 0.0
         self.batch_runs = np.empty((BATCH_RUNS, 2), dtype=np.uint64)
-        self.bandwidth = 0.0
         # the post-copy owed bitmap, kept for the error report if the link breaks
         self.owed: U64 | None = None
         self.codec = _codecs.get_codec(opts.compress) if opts.compress else None
@@ -506,9 +505,9 @@ class Source:
         finally:
             if self.senders is not None:
                 self.senders.close()
-            if self.throttle_level and self.opts.throttle is not None:
-                self.throttle_level = 0
-                self.stats.throttle_percentage = 0
+            if self.policy.throttle_level and self.opts.throttle is not None:
+                self.policy.throttle_level = 0
+                self.stats.update(throttle_percentage=0)
                 self.opts.throttle(0)
         return self.stats.snapshot()
 
@@ -540,87 +539,74 @@ class Source:
     # -- pre-copy --------------------------------------------------------------
 
     def precopy(self, tracker: Tracker) -> tuple[U64, bool]:
-        """Rounds while the program runs; returns the acknowledged baseline and whether to post-copy."""
+        """Rounds while the program runs; returns the acknowledged baseline and whether to post-copy.
+
+        After each round the convergence policy (``_convergence``) decides:
+        another round, pause, switch to post-copy, throttle or cancel.
+        """
         region = self.region
-        ps = region.page_size
-        npages = region.npages
         baseline = tracker.baseline if isinstance(tracker, HashTracker) else zero_page_hashes(region)
         tracker.start()
-        dirty = new_bitmap(npages)
+        dirty = new_bitmap(region.npages)
         # round 0: everything that differs from a zero destination, whatever the tracker
         t0 = time.monotonic()
         count = hash_delta_parallel(region, baseline, dirty, self.opts.threads)
-        self.stats.zero_pages = npages - count
-        best = count
-        stalled = 0
+        self.stats.update(zero_pages=region.npages - count)
+        self.policy.start(count)
         rnd = 0
         while True:
+            self.stats.update(remaining_bytes=count * region.page_size)
             with self.stats.lock:
-                self.stats.remaining_bytes = count * ps
                 self.stats.pages_per_round.append(count)
             self.report(force=True)
-            started = time.monotonic()
-            sent, payload = self.send_bitmap(dirty, phase=f"round {rnd}")
-            runs = np.concatenate(sent) if sent else np.empty((0, 2), dtype=np.uint64)
-            if self.senders is not None:
-                self.senders.end_round(rnd)
-                # the destination acknowledges a round's pages in page order, whichever stream carried them
-                runs = runs[np.argsort(runs[:, 0], kind="stable")]
-            self.rounds_sent = rnd + 1
-            npg = int(runs[:, 1].sum()) if len(runs) else 0
-            hashes = self.end_round(rnd, runs, npg)
-            if len(runs):
-                # rule 1: the next round compares with what the destination stored, not what was sent
-                if isinstance(tracker, HashTracker):
-                    tracker.acknowledge(runs, hashes)
-                else:
-                    baseline[runs_to_pages(runs)] = hashes
-                if self.delta is not None:
-                    self.delta.acknowledge(runs, hashes)
-            elapsed = max(time.monotonic() - started, 1e-6)
-            if payload >= MIN_BANDWIDTH_SAMPLE or self.bandwidth == 0.0:
-                self.bandwidth = max(payload / elapsed, 1.0)
-            if self.bucket is not None:  # the limit caps what the next rounds can move
-                self.bandwidth = self.bucket.effective_rate(self.bandwidth)
+            npg = self.one_round(rnd, dirty, tracker, baseline)
             rnd += 1
-            with self.stats.lock:
-                self.stats.rounds = rnd
+            self.stats.update(rounds=rnd)
             count = tracker.collect(dirty)
             round_time = max(time.monotonic() - t0, 1e-6)
             t0 = time.monotonic()
-            expected = count * ps / self.bandwidth
-            with self.stats.lock:
-                self.stats.expected_downtime = expected
-                self.stats.remaining_bytes = count * ps
-                self.stats.dirty_pages_rate = count / round_time
+            expected = self.policy.expected_downtime(count * region.page_size)
+            self.stats.update(
+                expected_downtime=expected, remaining_bytes=count * region.page_size, dirty_pages_rate=count / round_time
+            )
             self.report(force=True)
             log.debug("source: round %d sent %d pages, %d dirty, expected downtime %.4f s", rnd - 1, npg, count, expected)
-            if expected <= self.opts.downtime_limit:
-                return baseline, False
-            if count < best:
-                best = count
-                stalled = 0
+            step = self.policy.after_round(rnd, count, expected)
+            if step.action is Action.CONTINUE:
+                continue
+            if step.reason.startswith("pre-copy did not converge"):
+                log.info("source: pre-copy stalled after %d rounds (%d pages dirty): %s", rnd, count, self.opts.on_stall)
+            if step.action is Action.CANCEL:
+                raise MigrationCancelled(f"{step.reason}; source untouched")
+            if step.action is Action.THROTTLE:
+                assert self.opts.throttle is not None
+                self.stats.update(throttle_percentage=step.level)
+                self.opts.throttle(step.level)
+                continue
+            return baseline, step.action is Action.POSTCOPY
+
+    def one_round(self, rnd: int, dirty: U64, tracker: Tracker, baseline: U64) -> int:
+        """Send round ``rnd`` (the pages set in ``dirty``) and take in what the destination stored."""
+        started = time.monotonic()
+        sent, payload = self.send_bitmap(dirty, phase=f"round {rnd}")
+        runs = np.concatenate(sent) if sent else np.empty((0, 2), dtype=np.uint64)
+        if self.senders is not None:
+            self.senders.end_round(rnd)
+            # the destination acknowledges a round's pages in page order, whichever stream carried them
+            runs = runs[np.argsort(runs[:, 0], kind="stable")]
+        self.rounds_sent = rnd + 1
+        npg = int(runs[:, 1].sum()) if len(runs) else 0
+        hashes = self.end_round(rnd, runs, npg)
+        if len(runs):
+            # rule 1: the next round compares with what the destination stored, not what was sent
+            if isinstance(tracker, HashTracker):
+                tracker.acknowledge(runs, hashes)
             else:
-                stalled += 1
-            if stalled < STALL_ROUNDS and rnd < self.opts.max_rounds:
-                continue
-            action = self.opts.on_stall
-            log.info("source: pre-copy stalled after %d rounds (%d pages dirty): %s", rnd, count, action)
-            if action == "cancel":
-                raise MigrationCancelled(
-                    f"pre-copy did not converge after {rnd} rounds ({count} pages still dirty); source untouched"
-                )
-            if action == "postcopy":
-                return baseline, True
-            if action == "throttle" and rnd < self.opts.max_rounds and self.opts.throttle is not None:
-                level = THROTTLE_INITIAL if not self.throttle_level else self.throttle_level + THROTTLE_INCREMENT
-                self.throttle_level = min(THROTTLE_MAX, level)
-                self.stats.throttle_percentage = self.throttle_level
-                self.opts.throttle(self.throttle_level)
-                stalled = 0
-                best = count
-                continue
-            return baseline, False
+                baseline[runs_to_pages(runs)] = hashes
+            if self.delta is not None:
+                self.delta.acknowledge(runs, hashes)
+        self.policy.observe(payload, time.monotonic() - started)
+        return npg
 
     def end_round(self, rnd: int, runs: U64, npg: int) -> U64:
         """End round ``rnd`` and return the hashes the destination stored for its ``npg`` pages (in run order)."""

@@ -110,18 +110,74 @@ class StatsRecorder:
         self.delta_bytes_saved = 0
         self.bandwidth_wait = 0.0
 
-    def add_pages(self, pages: int, payload: int, wire: int, *, postcopy: bool = False) -> None:
-        """Count one PAGES frame: ``payload`` page bytes, ``wire`` bytes in all."""
+    # -- events: every change goes through one of these, under the lock ------
+
+    def update(self, **fields: Any) -> None:
+        """Set fields of :class:`MigrationStats` by name (several at once, atomically)."""
+        with self.lock:
+            for name, value in fields.items():
+                self._check(name)
+                setattr(self, name, value)
+
+    def add(self, **counters: float) -> None:
+        """Add to counters of :class:`MigrationStats` by name (several at once, atomically)."""
+        with self.lock:
+            for name, value in counters.items():
+                self._check(name)
+                setattr(self, name, getattr(self, name) + value)
+
+    @staticmethod
+    def _check(name: str) -> None:
+        if name not in _NAMES or name in _DERIVED:
+            raise AttributeError(f"MigrationStats has no settable field {name!r}")
+
+    def activate(self) -> None:
+        """The handshake is done: pages may move now."""
+        with self.lock:
+            self.status = "active"
+            self.setup_time = time.monotonic() - self.started
+
+    def synced(self, dirty_pages: int, remaining_bytes: int) -> None:
+        """One more dirty-page synchronisation (QEMU's dirty-sync-count) found ``dirty_pages``."""
+        with self.lock:
+            self.rounds += 1
+            self.pages_per_round.append(dirty_pages)
+            self.remaining_bytes = remaining_bytes
+
+    def add_pages(self, pages: int, payload: int, wire: int, *, postcopy: bool = False, settle: bool = False) -> None:
+        """Count one PAGES frame: ``payload`` page bytes, ``wire`` bytes in all.
+
+        ``settle``: the sender's view, the payload no longer counts as remaining.
+        """
         with self.lock:
             self.normal_pages += pages
             self.normal_bytes += payload
             self.transferred_bytes += wire
             if postcopy:
                 self.postcopy_pages += pages
+            if settle:
+                self.remaining_bytes = max(0, self.remaining_bytes - payload)
+
+    def add_zero_pages(self, pages: int, payload: int = 0, *, settle: bool = False) -> None:
+        """Count pages known to be zero (never sent, or sent as a zero notice)."""
+        with self.lock:
+            self.zero_pages += pages
+            if settle:
+                self.remaining_bytes = max(0, self.remaining_bytes - payload)
 
     def add_wire(self, nbytes: int) -> None:
         with self.lock:
             self.transferred_bytes += nbytes
+
+    def completed(self, downtime: float | None = None) -> None:
+        """Everything arrived and was verified end to end."""
+        with self.lock:
+            if downtime is not None and not self.downtime:
+                self.downtime = downtime
+            self.remaining_bytes = 0
+            self.expected_downtime = 0.0
+            self.verified = True
+        self.finish("completed")
 
     def finish(self, status: str, error: str = "") -> None:
         with self.lock:
@@ -145,3 +201,6 @@ class StatsRecorder:
 
 
 _FIELDS = dataclasses.fields(MigrationStats)
+_NAMES = frozenset(f.name for f in _FIELDS)
+#: Fields computed by :meth:`StatsRecorder.snapshot`, never set.
+_DERIVED = frozenset({"total_time", "mbps"})

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from migcore import _protocol as P
+from migcore._peer_errors import error_from_peer
 from migcore._errors import MigrationTimeout, PeerLostError, ProtocolError
 from migcore._region import U64
 from migcore._security import authenticate_destination, authenticate_source
@@ -46,8 +47,6 @@ def _reply(conn: Connection, what: str) -> tuple[P.Header, bytes]:
 
 def open_streams(source: Source, connect: Callable[[], Connection], n: int) -> StreamSenders:
     """Open, authenticate and announce ``n`` extra connections, then start their sending threads."""
-    from migcore._destination import error_from_peer
-
     conns: list[Connection] = []
     try:
         for i in range(n):
@@ -217,8 +216,6 @@ class StreamReceivers:
             t.start()
 
     def _run(self, i: int) -> None:
-        from migcore._destination import error_from_peer
-
         conn = self.conns[i]
         cursor = 0
         rnd = 0

@@ -28,6 +28,7 @@ import numpy as np
 from migcore import _kernels
 from migcore import _protocol as P
 from migcore import _userfault
+from migcore._peer_errors import error_from_peer
 from migcore._errors import MigrationError, MigrationTimeout, PeerLostError, ProtocolError
 from migcore._region import Region, U64, runs_in
 from migcore._transport import Connection
@@ -130,8 +131,6 @@ class UffdPostcopy:
         header = P.decode_header(self.info[uffd.INFO_HEADER : uffd.INFO_HEADER + 2].astype("<u8").tobytes())
         P.expect(header, (P.Frame.END, P.Frame.ERROR), "post-copy")
         if header.type is P.Frame.ERROR:
-            from migcore._destination import error_from_peer
-
             code, message = P.decode_error(bytes(dest.read_body(header, P.MAX_CONTROL_BODY, "reading ERROR")))
             raise error_from_peer(code, message, "the source")
         if self.remaining:
