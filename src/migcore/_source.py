@@ -66,7 +66,7 @@ THROTTLE_INITIAL = 20
 THROTTLE_INCREMENT = 10
 THROTTLE_MAX = 99
 
-ON_STALL = ("finish", "postcopy", "throttle", "cancel")
+from migcore._names import ON_STALL as ON_STALL
 
 
 def pages_to_runs(pages: NDArray[np.intp]) -> U64:
