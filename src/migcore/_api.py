@@ -11,11 +11,11 @@ from typing import Any
 
 from migcore import _protocol as P
 from migcore._bandwidth import check_rate
-from migcore._codecs import CODEC_NAMES
 from migcore._delta import DEFAULT_CACHE_BYTES
 from migcore._destination import Destination, DestinationOptions, Received
+from migcore._names import CODECS, MODES, ON_STALL
 from migcore._region import Region
-from migcore._source import ON_STALL, Source, SourceOptions
+from migcore._source import Source, SourceOptions
 from migcore._stats import MigrationStats
 from migcore._trackers import TRACKERS, resolve_tracker
 from migcore._security import check_tls, check_token, is_loopback
@@ -25,9 +25,6 @@ from migcore._transport import Connection, Server, connect, parse_address, secur
 __all__ = ["Listener", "Received", "listen", "migrate"]
 
 log = logging.getLogger("migcore")
-
-MODES = ("stopcopy", "precopy", "postcopy", "hybrid")
-
 
 def _check_timeout(name: str, value: float | None) -> float | None:
     if value is None:
@@ -224,8 +221,8 @@ def _check_modes(
     streams: int,
 ) -> None:
     """The capability check (QEMU's): refuse option combinations that make no sense, naming the conflict."""
-    if compress is not None and compress not in CODEC_NAMES:
-        raise ValueError(f"compress must be one of {CODEC_NAMES} or None, got {compress!r}")
+    if compress is not None and compress not in CODECS:
+        raise ValueError(f"compress must be one of {CODECS} or None, got {compress!r}")
     if not isinstance(delta, bool):
         raise TypeError("delta must be True or False")
     if isinstance(delta_cache_bytes, bool) or not isinstance(delta_cache_bytes, int) or delta_cache_bytes < 0:

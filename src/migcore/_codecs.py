@@ -14,6 +14,7 @@ import struct
 from typing import Any, Protocol
 
 from migcore._errors import ProtocolError
+from migcore._names import CODECS
 
 _SIZE = struct.Struct("<Q")
 SIZE_PREFIX = _SIZE.size
@@ -78,7 +79,7 @@ class Lz4:
             raise ProtocolError(f"corrupt lz4 batch: {exc}") from None
 
 
-CODEC_NAMES = ("zstd", "lz4")
+CODEC_NAMES = CODECS
 
 
 def get_codec(name: str) -> Codec:

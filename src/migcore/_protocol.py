@@ -51,6 +51,7 @@ import xxhash
 from numpy.typing import NDArray
 
 from migcore._errors import CompatibilityError, ProtocolError
+from migcore._names import CODECS, MODES, TRACKERS, Codec, Mode, Tracker
 
 MAGIC = b"MIGC"
 #: 2: token authentication, streams and codec in HELLO, compressed and delta PAGES.
@@ -96,8 +97,8 @@ FLAG_ZERO = 8
 #: Every PAGES flag.
 PAGES_FLAGS = FLAG_POSTCOPY | FLAG_COMPRESSED | FLAG_DELTA | FLAG_ZERO
 
-#: Compression codecs by their number in HELLO.
-CODECS: tuple[str | None, ...] = (None, "zstd", "lz4")
+#: Compression codecs by their number in HELLO (0: none).
+CODECS_ON_WIRE: tuple[Codec | None, ...] = (None, *CODECS)
 #: Most page connections one migration may open.
 MAX_STREAMS = 64
 #: Size of the nonces and MACs of the AUTH exchange.
@@ -153,8 +154,9 @@ class ErrorCode(enum.IntEnum):
     AUTHENTICATION = 5
 
 
-MODES = ("stopcopy", "precopy", "postcopy", "hybrid")
-TRACKERS = ("hash", "writes", "uffd")
+#: Modes and trackers by their number in HELLO.
+MODES_ON_WIRE: tuple[Mode, ...] = MODES
+TRACKERS_ON_WIRE: tuple[Tracker, ...] = TRACKERS
 
 
 @dataclass(frozen=True)
@@ -240,11 +242,11 @@ def encode_hello(hello: Hello, *, magic: bytes = MAGIC) -> bytes:
         hello.nbytes,
         hello.state_size,
         hello.migration_id,
-        MODES.index(hello.mode),
-        TRACKERS.index(hello.tracker),
+        MODES_ON_WIRE.index(hello.mode),
+        TRACKERS_ON_WIRE.index(hello.tracker),
         hello.features,
         hello.streams,
-        CODECS.index(hello.codec),
+        CODECS_ON_WIRE.index(hello.codec),
         0,
         len(compat),
     ) + compat
@@ -269,13 +271,13 @@ def decode_hello(body: bytes) -> Hello:
     _, _, flags, page_size, nbytes, state_size, mid, mode, tracker, features, streams, codec, reserved, clen = fields
     if len(body) != _HELLO.size + clen:
         raise ProtocolError(f"HELLO compat string length {clen} disagrees with the body size {len(body)}")
-    if mode >= len(MODES):
+    if mode >= len(MODES_ON_WIRE):
         raise ProtocolError(f"HELLO names unknown mode {mode}")
-    if tracker >= len(TRACKERS):
+    if tracker >= len(TRACKERS_ON_WIRE):
         raise ProtocolError(f"HELLO names unknown tracker {tracker}")
     if nbytes == 0:
         raise ProtocolError("HELLO announces an empty region")
-    if codec >= len(CODECS) or reserved:
+    if codec >= len(CODECS_ON_WIRE) or reserved:
         raise ProtocolError(f"HELLO names unknown codec {codec}")
     if not 1 <= streams <= MAX_STREAMS:
         raise ProtocolError(f"HELLO asks for {streams} streams (allowed 1..{MAX_STREAMS})")
@@ -284,8 +286,8 @@ def decode_hello(body: bytes) -> Hello:
     except UnicodeDecodeError:
         raise ProtocolError("HELLO compat string is not UTF-8") from None
     return Hello(
-        version, page_size, nbytes, MODES[mode], TRACKERS[tracker], features, compat, bytes(mid), state_size,
-        streams, CODECS[codec],
+        version, page_size, nbytes, MODES_ON_WIRE[mode], TRACKERS_ON_WIRE[tracker], features, compat, bytes(mid),
+        state_size, streams, CODECS_ON_WIRE[codec],
     )
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import xxhash
 from numpy.typing import NDArray
 
-from migcore import _kernels, _residency, _userfault
+from migcore import _kernels, _names, _residency, _userfault
 from migcore._errors import MigrationError
 from migcore._region import Region, U64, new_bitmap
 
@@ -221,7 +221,8 @@ class UffdTracker(Tracker):
             self._pagemap = -1
 
 
-TRACKERS: dict[str, type[Tracker]] = {"hash": HashTracker, "writes": WritesTracker, "uffd": UffdTracker}
+#: The tracker classes by name; the keys are exactly ``_names.TRACKERS`` (a test checks it).
+TRACKERS: dict[_names.Tracker, type[Tracker]] = {"hash": HashTracker, "writes": WritesTracker, "uffd": UffdTracker}
 
 
 def resolve_tracker(name: str, region: Region) -> str:
@@ -247,7 +248,7 @@ def make_tracker(name: str, region: Region) -> Tracker:
     if name == "auto":
         name = resolve_tracker(name, region)
     try:
-        cls = TRACKERS[name]
+        cls = TRACKERS[name]  # type: ignore[index]  # any str may arrive; an unknown one is the KeyError
     except KeyError:
-        raise ValueError(f"unknown tracker {name!r}; choose one of {['auto', *TRACKERS]}") from None
+        raise ValueError(f"unknown tracker {name!r}; choose one of {list(_names.TRACKER_CHOICES)}") from None
     return cls(region)
