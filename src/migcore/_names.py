@@ -3,7 +3,7 @@
 Each is a ``Literal`` type, so a misspelt option fails ``mypy --strict`` in
 user code, and a tuple derived from it for run-time checks, the CLI's
 choices and the wire. The order of each tuple is its numbering in HELLO:
-append new names, never reorder (``tests/test_options.py`` freezes it).
+append new names, never reorder.
 This module imports nothing from migcore so every layer may use it.
 """
 
