@@ -22,12 +22,10 @@ from numpy.typing import NDArray
 from migcore import _codecs, _kernels
 from migcore import _protocol as P
 from migcore._errors import (
-    AuthenticationError,
     CompatibilityError,
     MigrationCancelled,
     MigrationError,
     MigrationTimeout,
-    PeerLostError,
     ProtocolError,
     VerificationError,
 )

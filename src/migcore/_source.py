@@ -60,7 +60,6 @@ BATCH_RUNS = 256
 #: Seconds between progress reports inside a long round.
 PROGRESS_INTERVAL = 0.1
 
-from migcore._names import ON_STALL as ON_STALL
 
 
 def pages_to_runs(pages: NDArray[np.intp]) -> U64:
