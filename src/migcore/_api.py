@@ -3,54 +3,52 @@
 from __future__ import annotations
 
 import logging
-import math
 import ssl
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
 from migcore import _protocol as P
-from migcore._bandwidth import check_rate
 from migcore._delta import DEFAULT_CACHE_BYTES
 from migcore._destination import Destination, DestinationOptions, Received
-from migcore._names import CODECS, MODES, ON_STALL
 from migcore._region import Region
 from migcore._source import Source, SourceOptions
 from migcore._stats import MigrationStats
-from migcore._trackers import TRACKERS, resolve_tracker
-from migcore._security import check_tls, check_token, is_loopback
+from migcore._trackers import resolve_tracker
 from migcore._storage import FileSource, receive_file
-from migcore._transport import Connection, Server, connect, parse_address, secure_server
+from migcore._transport import Connection, Server, connect, secure_server
+from migcore.options import (
+    Codec,
+    ListenOptions,
+    MigrationOptions,
+    Mode,
+    OnStall,
+    TrackerChoice,
+    check_timeout,
+    document_refusals,
+)
 
 __all__ = ["Listener", "Received", "listen", "migrate"]
 
 log = logging.getLogger("migcore")
 
-def _check_timeout(name: str, value: float | None) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isnan(value):
-        raise ValueError(f"{name} must be a positive number of seconds or None, got {value!r}")
-    return float(value)
-
-
 def migrate(
     source: Any,
     address: str,
     *,
-    mode: str = "precopy",
+    mode: Mode = "precopy",
     state: bytes | Callable[[], bytes] = b"",
     pause: Callable[[], object] | None = None,
-    tracker: str = "auto",
+    tracker: TrackerChoice = "auto",
     downtime_limit: float = 0.3,
     max_rounds: int = 30,
     timeout: float | None = None,
     compat: str | None = None,
     progress: Callable[[MigrationStats], object] | None = None,
-    on_stall: str | None = None,
+    on_stall: OnStall | None = None,
     throttle: Callable[[int], object] | None = None,
     resume: Callable[[], object] | None = None,
-    compress: str | None = None,
+    compress: Codec | None = None,
     delta: bool = False,
     delta_cache_bytes: int = DEFAULT_CACHE_BYTES,
     tls: ssl.SSLContext | None = None,
@@ -113,65 +111,45 @@ def migrate(
     Combinations that make no sense are refused with ``ValueError`` before
     any connection:
 
-    ============================  =============================================
-    option                        refused with
-    ============================  =============================================
-    ``delta=True``                ``mode`` stopcopy or postcopy (no page is sent
-                                  twice), ``file://``
-    ``compress``                  ``file://`` (pages live at fixed offsets)
-    ``streams > 1``               ``mode="postcopy"`` (post-copy pages use the
-                                  main connection), ``file://``
-    ``tls``                       ``file://`` and ``unix://`` (no network to
-                                  protect; no host name to check)
-    ``token``                     ``file://`` (the file system's permissions
-                                  decide who reads the file)
-    ``postcopy_bandwidth_limit``  a migration that can never switch to
-                                  post-copy
-    ``mode`` postcopy/hybrid,     ``file://`` (no destination to ask for
-    ``on_stall="postcopy"``       pages)
-    ============================  =============================================
+    <refused combinations>
 
     ``tracker`` finds the pages dirtied between pre-copy rounds: ``"hash"``
     (any buffer), ``"writes"`` (only what the program marks), ``"uffd"`` (the
     kernel sees every write; Linux >= 6.7 and a region from
     ``Region.allocate``), or ``"auto"``: uffd where possible, else hash.
 
+    The keywords are those of :class:`migcore.options.MigrationOptions`, which
+    checks them (the names of modes, trackers, codecs and stall policies are
+    ``Literal`` types there, so a misspelt one fails a type checker too).
+
     Returns the final :class:`MigrationStats`.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if tracker != "auto" and tracker not in TRACKERS:
-        raise ValueError(f"tracker must be 'auto' or one of {sorted(TRACKERS)}, got {tracker!r}")
-    if on_stall is None:
-        on_stall = "postcopy" if mode == "hybrid" else "finish"
-    if on_stall not in ON_STALL:
-        raise ValueError(f"on_stall must be one of {ON_STALL}, got {on_stall!r}")
-    if on_stall == "throttle" and throttle is None:
-        raise ValueError('on_stall="throttle" needs a throttle(level) callback')
-    if isinstance(downtime_limit, bool) or not isinstance(downtime_limit, (int, float)) or not downtime_limit >= 0:
-        raise ValueError(f"downtime_limit must be a number of seconds >= 0, got {downtime_limit!r}")
-    if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1:
-        raise ValueError(f"max_rounds must be an int >= 1, got {max_rounds!r}")
-    timeout = _check_timeout("timeout", timeout)
-    if not callable(state):
-        try:
-            memoryview(state)
-        except TypeError:
-            raise TypeError(f"state must be bytes-like or a zero-argument callable, not {type(state).__name__}") from None
-    for name, fn in (("pause", pause), ("resume", resume), ("throttle", throttle), ("progress", progress)):
-        if fn is not None and not callable(fn):
-            raise TypeError(f"{name} must be callable")
-    if compat is not None and not isinstance(compat, str):
-        raise TypeError("compat must be a str or None")
-    addr = parse_address(address)
-    token_bytes = check_token(token)
-    tls = check_tls(tls, server=False)
-    _check_modes(
-        addr.scheme, mode, on_stall, compress=compress, delta=delta, delta_cache_bytes=delta_cache_bytes, tls=tls,
-        token=token_bytes, postcopy_bandwidth_limit=postcopy_bandwidth_limit, streams=streams,
+    options = MigrationOptions(
+        mode=mode,
+        state=state,
+        pause=pause,
+        tracker=tracker,
+        downtime_limit=downtime_limit,
+        max_rounds=max_rounds,
+        timeout=timeout,
+        compat=compat,
+        progress=progress,
+        on_stall=on_stall,
+        throttle=throttle,
+        resume=resume,
+        compress=compress,
+        delta=delta,
+        delta_cache_bytes=delta_cache_bytes,
+        tls=tls,
+        token=token,
+        bandwidth_limit=bandwidth_limit,
+        postcopy_bandwidth_limit=postcopy_bandwidth_limit,
+        streams=streams,
     )
-    bandwidth_limit = check_rate("bandwidth_limit", bandwidth_limit)
-    postcopy_bandwidth_limit = check_rate("postcopy_bandwidth_limit", postcopy_bandwidth_limit)
+    addr = options.validate(address)
+    # the checked values that differ from the arguments (resolved, converted), under the names used below
+    on_stall, timeout, token_bytes = options.stall_policy, options.timeout, options.token_bytes
+    bandwidth_limit, postcopy_bandwidth_limit = options.bandwidth_limit, options.postcopy_bandwidth_limit
     region = source if isinstance(source, Region) else Region(source)
     if mode in ("precopy", "hybrid"):  # the modes with rounds use a tracker; "uffd" unavailable raises here
         tracker_name = resolve_tracker(tracker, region)
@@ -207,56 +185,7 @@ def migrate(
     return Source(region, conn, opts).run()
 
 
-def _check_modes(
-    scheme: str,
-    mode: str,
-    on_stall: str,
-    *,
-    compress: str | None,
-    delta: bool,
-    delta_cache_bytes: int,
-    tls: ssl.SSLContext | None,
-    token: bytes | None,
-    postcopy_bandwidth_limit: float | None,
-    streams: int,
-) -> None:
-    """The capability check (QEMU's): refuse option combinations that make no sense, naming the conflict."""
-    if compress is not None and compress not in CODECS:
-        raise ValueError(f"compress must be one of {CODECS} or None, got {compress!r}")
-    if not isinstance(delta, bool):
-        raise TypeError("delta must be True or False")
-    if isinstance(delta_cache_bytes, bool) or not isinstance(delta_cache_bytes, int) or delta_cache_bytes < 0:
-        raise ValueError(f"delta_cache_bytes must be an int >= 0, got {delta_cache_bytes!r}")
-    if isinstance(streams, bool) or not isinstance(streams, int) or not 1 <= streams <= P.MAX_STREAMS:
-        raise ValueError(f"streams must be an int from 1 to {P.MAX_STREAMS}, got {streams!r}")
-    if delta and mode in ("stopcopy", "postcopy"):
-        raise ValueError(f"delta=True needs pre-copy rounds (mode precopy or hybrid); mode {mode!r} sends no page twice")
-    if streams > 1 and mode == "postcopy":
-        raise ValueError("streams > 1 carry pre-copy pages; mode 'postcopy' sends its pages on the main connection")
-    can_postcopy = mode in ("postcopy", "hybrid") or on_stall == "postcopy"
-    if postcopy_bandwidth_limit is not None and not can_postcopy:
-        raise ValueError(f"postcopy_bandwidth_limit has no effect: mode {mode!r} with on_stall={on_stall!r} never post-copies")
-    if scheme == "file":
-        conflicts = [
-            name
-            for name, bad in (
-                ("compress", compress is not None),
-                ("delta=True", delta),
-                ("streams > 1", streams > 1),
-                ("tls", tls is not None),
-                ("token", token is not None),
-                (f"mode={mode!r}", mode in ("postcopy", "hybrid")),
-                ("on_stall='postcopy'", on_stall == "postcopy"),
-            )
-            if bad
-        ]
-        if conflicts:
-            raise ValueError(
-                f"file:// shared storage does not support {', '.join(conflicts)}: pages are written in place on a "
-                "file system both hosts mount, with no live destination to negotiate with"
-            )
-    if scheme == "unix" and tls is not None:
-        raise ValueError("unix:// connections stay on this host and have no host name to check: tls needs tcp://")
+migrate.__doc__ = document_refusals(migrate.__doc__)
 
 
 class Listener:
@@ -280,35 +209,40 @@ class Listener:
         token: str | bytes | None = None,
         insecure: bool = False,
     ) -> None:
-        if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0):
-            raise ValueError(f"max_bytes must be a positive int or None, got {max_bytes!r}")
-        if compat is not None and not isinstance(compat, str):
-            raise TypeError("compat must be a str or None")
-        if not isinstance(max_state_bytes, int) or max_state_bytes < 0:
-            raise ValueError("max_state_bytes must be an int >= 0")
-        if not isinstance(max_payload, int) or not 4096 <= max_payload <= 1 << 30:
-            raise ValueError("max_payload must be an int from 4096 to 1 GiB")
-        self.timeout = _check_timeout("timeout", timeout)
-        token_bytes = check_token(token)
-        self._tls = check_tls(tls, server=True)
-        addr = parse_address(address)
-        if addr.scheme == "file" and (tls is not None or token is not None):
-            raise ValueError("file:// shared storage takes no tls or token: the file system's permissions decide")
-        if addr.scheme == "unix" and tls is not None:
-            raise ValueError("unix:// connections stay on this host: tls needs tcp://")
-        if addr.scheme == "tcp" and not is_loopback(addr.host) and tls is None and token is None and not insecure:
-            # DESIGN.md rule 5: a destination reachable from another host authenticates its peer
-            raise ValueError(
-                f"refusing to listen on {addr.host}, reachable from other hosts, without tls= or token=; "
-                "pass insecure=True (CLI --insecure) to accept unauthenticated sources"
-            )
+        self._start(
+            address,
+            ListenOptions(
+                max_bytes=max_bytes,
+                compat=compat,
+                timeout=timeout,
+                page_size=page_size,
+                max_state_bytes=max_state_bytes,
+                max_payload=max_payload,
+                tls=tls,
+                token=token,
+                insecure=insecure,
+            ),
+        )
+
+    @classmethod
+    def _open(cls, address: str, options: ListenOptions) -> Listener:
+        """A listener on ``address`` with ``options`` already checked (what :func:`listen` calls)."""
+        listener = cls.__new__(cls)
+        listener._start(address, options)
+        return listener
+
+    def _start(self, address: str, options: ListenOptions) -> None:
+        addr = options.validate(address)
+        self._options = options
+        self.timeout = options.timeout
+        self._tls = options.tls
         self._opts = DestinationOptions(
-            max_bytes=max_bytes,
-            compat=compat,
-            page_size=page_size,
-            max_state_bytes=max_state_bytes,
-            max_payload=max_payload,
-            token=token_bytes,
+            max_bytes=options.max_bytes,
+            compat=options.compat,
+            page_size=options.page_size,
+            max_state_bytes=options.max_state_bytes,
+            max_payload=options.max_payload,
+            token=options.token_bytes,
         )
         self._path = addr.path if addr.scheme == "file" else None
         self._server = Server(address) if self._path is None else None
@@ -335,7 +269,7 @@ class Listener:
         complete, verified region; post-copy returns at the switch, with the
         remaining pages arriving in the background (see :class:`Received`).
         """
-        timeout = _check_timeout("timeout", timeout) if timeout is not None else self.timeout
+        timeout = check_timeout("timeout", timeout) if timeout is not None else self.timeout
         if self._path is not None:
             return receive_file(self._path, self._opts, timeout)
         conn = self._accept(timeout)
@@ -366,6 +300,7 @@ def listen(
     timeout: float | None = None,
     page_size: int | None = None,
     max_state_bytes: int = P.DEFAULT_MAX_STATE,
+    max_payload: int = P.DEFAULT_MAX_PAYLOAD,
     tls: ssl.SSLContext | None = None,
     token: str | bytes | None = None,
     insecure: bool = False,
@@ -374,8 +309,10 @@ def listen(
 
     ``max_bytes`` caps the region size a source may send, ``compat`` must
     equal the source's compat string, ``page_size`` (if given) must equal the
-    source's, ``max_state_bytes`` caps the state blob, and ``timeout`` is the
-    default longest wait for a source in :meth:`Listener.receive`.
+    source's, ``max_state_bytes`` caps the state blob, ``max_payload`` the
+    body of one frame (4 KiB to 1 GiB), and ``timeout`` is the default longest
+    wait for a source in :meth:`Listener.receive`. The options are those of
+    :class:`migcore.options.ListenOptions`, checked there.
 
     ``tls`` (a server ``ssl.SSLContext``; set ``verify_mode=CERT_REQUIRED``
     and load a CA for mutual authentication) and ``token`` (a shared secret,
@@ -389,14 +326,17 @@ def listen(
     the final digest, and returns the same :class:`Received`. A truncated or
     tampered file raises :class:`ProtocolError` or :class:`VerificationError`.
     """
-    return Listener(
+    return Listener._open(
         address,
-        max_bytes=max_bytes,
-        compat=compat,
-        timeout=timeout,
-        page_size=page_size,
-        max_state_bytes=max_state_bytes,
-        tls=tls,
-        token=token,
-        insecure=insecure,
+        ListenOptions(
+            max_bytes=max_bytes,
+            compat=compat,
+            timeout=timeout,
+            page_size=page_size,
+            max_state_bytes=max_state_bytes,
+            max_payload=max_payload,
+            tls=tls,
+            token=token,
+            insecure=insecure,
+        ),
     )
