@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import re
+import typing
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+from migcore.options import CODECS, MODES, MigrationOptions, Mode
 
 MIB = 1 << 20
 GIB = 1 << 30
 
-MODES = ("stopcopy", "precopy", "postcopy", "hybrid")
 #: Per fill: the share of random (non-zero) pages, and whether the zero pages are written (backed by
 #: memory) rather than left untouched (no memory behind them, as in a partly used allocation).
 FILLS: dict[str, tuple[float, bool]] = {"random": (1.0, False), "sparse": (0.1, False), "sparse-written": (0.1, True)}
@@ -54,7 +54,7 @@ class Scenario:
     """One migration to run: region size and fill, mode, workload pattern and rate, extra options."""
 
     size: int
-    mode: str
+    mode: Mode
     rate: Rate = Rate(0.0)
     pattern: str = "uniform"
     fill: str = "random"
@@ -67,41 +67,44 @@ class Scenario:
         return f"{self.mode}-{self.size // MIB}MiB-{self.fill}-{self.pattern}-{self.rate.label}{opts}"
 
 
-def available_options(migrate: Any) -> list[str]:
-    """The optional migrate() parameters this migcore has (feature detection by signature)."""
-    params = inspect.signature(migrate).parameters
-    return [name for name in OPTIONAL_OPTIONS if name in params]
+#: The options of a migration, by name (``migrate()`` takes each as a keyword).
+_FIELDS = {f.name: f for f in dataclasses.fields(MigrationOptions)}
 
 
-def option_value(migrate: Any, name: str, bandwidth: float) -> Any:
-    """A value to exercise option ``name`` with, guessed from its default and annotation."""
+def available_options() -> list[str]:
+    """The options of :data:`OPTIONAL_OPTIONS` that this migcore's ``migrate()`` takes."""
+    return [name for name in OPTIONAL_OPTIONS if name in _FIELDS]
+
+
+def option_value(name: str, bandwidth: float) -> Any:
+    """A value to exercise option ``name`` with, chosen from its default and type."""
     if name == "bandwidth_limit":
         return int(bandwidth / 2)
-    param = inspect.signature(migrate).parameters[name]
-    default, note = param.default, str(param.annotation)
     if name == "compress":
-        try:
-            from migcore import _codecs
+        from migcore import _codecs
 
-            for codec in ("zstd", "lz4"):
-                if _codecs.available(codec):
-                    return codec
-        except (ImportError, AttributeError):
-            pass
-    if isinstance(default, bool) or note in ("bool", "<class 'bool'>"):
+        return next((codec for codec in CODECS if _codecs.available(codec)), CODECS[0])
+    default = _FIELDS[name].default
+    if isinstance(default, bool):
         return True
-    if isinstance(default, int) and not isinstance(default, bool):
+    if isinstance(default, int):
         return max(2, default)
-    if "str" in note or isinstance(default, str):
-        choices = re.findall(r"['\"](\w+)['\"]", note)
-        for preferred in ("zstd", "lz4", "zlib", "auto"):
-            if preferred in choices or not choices:
-                return preferred
+    choices = _literal_choices(typing.get_type_hints(MigrationOptions)[name])
+    if choices:
         return choices[0]
     return OPTIONAL_OPTIONS[name]
 
 
-def _sweep(sizes: Sequence[int], modes: Sequence[str], rates: Sequence[Rate], patterns: Sequence[str]) -> list[Scenario]:
+def _literal_choices(hint: Any) -> list[Any]:
+    """The values a ``Literal`` type (or a union holding them) allows, in order."""
+    if typing.get_origin(hint) is Literal:
+        return list(typing.get_args(hint))
+    return [value for arg in typing.get_args(hint) for value in _literal_choices(arg)]
+
+
+def _sweep(
+    sizes: Sequence[int], modes: Sequence[Mode], rates: Sequence[Rate], patterns: Sequence[str]
+) -> list[Scenario]:
     out: list[Scenario] = []
     for size in sizes:
         for pattern in patterns:
@@ -115,7 +118,7 @@ def build_grid(
     profile: str,
     *,
     sizes: Sequence[int] | None = None,
-    modes: Sequence[str] | None = None,
+    modes: Sequence[Mode] | None = None,
     rates: Sequence[Rate] | None = None,
     options: Iterable[str] = (),
 ) -> list[Scenario]:

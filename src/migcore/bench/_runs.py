@@ -222,7 +222,7 @@ def run_scenario(
     also holds a ratio to a baseline taken a moment apart (``paired_ratio``).
     """
     rate = scenario.rate.resolve(bandwidth)
-    options = {k: option_value(migcore.migrate, k, bandwidth) if v == "auto" else v for k, v in scenario.options}
+    options = {k: option_value(k, bandwidth) if v == "auto" else v for k, v in scenario.options}
     row: dict[str, Any] = {
         "scenario": scenario.name,
         "size": scenario.size,

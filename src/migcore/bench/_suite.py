@@ -13,9 +13,9 @@ from typing import Any
 
 from rich.console import Console
 
-import migcore
 from migcore.bench import _grid, _machine, _plots, _report, _runs, _targets
 from migcore.bench._grid import Rate
+from migcore.options import Mode
 
 log = logging.getLogger("migcore.bench")
 
@@ -32,7 +32,7 @@ class BenchConfig:
     profile: str = "default"
     out: Path = Path("bench-results")
     sizes: tuple[int, ...] = ()
-    modes: tuple[str, ...] = ()
+    modes: tuple[Mode, ...] = ()
     rates: tuple[Rate, ...] = ()
     seed: int = 0
     repeat: int = 3
@@ -50,7 +50,7 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> dict[str, 
     console = console or Console()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    options = _grid.available_options(migcore.migrate)
+    options = _grid.available_options()
     grid = _grid.build_grid(
         config.profile, sizes=config.sizes or None, modes=config.modes or None, rates=config.rates or None,
         options=options,

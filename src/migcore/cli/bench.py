@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from migcore.cli.common import MODES
 from migcore.cli.units import parse_size
+from migcore.options import MODES
 
 if TYPE_CHECKING:
     from migcore.bench import Rate

@@ -1,8 +1,10 @@
-"""What the commands share: the choice lists, the migration and authentication options, TLS and tokens.
+"""What the commands share: the migration and authentication options, TLS and tokens.
 
 ``send`` and ``demo`` take the same migration options (``add_migrate_options``)
 and turn them into ``migcore.migrate()`` keywords (``migrate_options``);
 ``send``, ``receive`` and ``demo`` take the same token and TLS options.
+The choices of ``--mode``, ``--tracker``, ``--on-stall`` and ``--compress``
+are the names :mod:`migcore.options` defines.
 """
 
 from __future__ import annotations
@@ -13,13 +15,8 @@ import ssl
 from pathlib import Path
 from typing import Any
 
-from migcore._trackers import TRACKERS as _TRACKER_KINDS  # replaced by migcore.options at merge
 from migcore.cli.units import parse_duration, parse_rate, parse_size
-
-MODES = ("precopy", "stopcopy", "postcopy", "hybrid")
-TRACKERS = ("auto", *_TRACKER_KINDS)
-ON_STALL = ("finish", "throttle", "postcopy", "cancel")
-CODECS = ("zstd", "lz4")
+from migcore.options import CODECS, MODES, ON_STALL, TRACKER_CHOICES
 
 
 def add_migrate_options(p: argparse.ArgumentParser, *, default_tracker: str) -> None:
@@ -35,7 +32,7 @@ def add_migrate_options(p: argparse.ArgumentParser, *, default_tracker: str) -> 
     )
     p.add_argument("--max-rounds", type=int, default=30, help="pre-copy rounds before giving up on convergence")
     p.add_argument("--on-stall", choices=ON_STALL, default=None, help="what to do when pre-copy stops converging")
-    p.add_argument("--tracker", choices=TRACKERS, default=default_tracker, help="dirty-page tracker")
+    p.add_argument("--tracker", choices=TRACKER_CHOICES, default=default_tracker, help="dirty-page tracker")
     p.add_argument("--compat", default=None, metavar="S", help="application compatibility string; both ends must agree")
     p.add_argument("--timeout", type=parse_duration, default=60.0, metavar="SECONDS", help="longest wait for the peer")
     p.add_argument("--no-progress", action="store_true", help="do not draw progress bars")
