@@ -31,7 +31,7 @@ def test_destination_reads_during_precopy(tmp_path: Path) -> None:
     region = random_region(4 * MIB, seed=5)
     loaded_before_pause = threading.Event()
     paused = threading.Event()
-    real = _storage._read_runs
+    real = _storage.read_runs
 
     def spy(*args: object) -> None:
         if not paused.is_set():
@@ -39,7 +39,7 @@ def test_destination_reads_during_precopy(tmp_path: Path) -> None:
         real(*args)  # type: ignore[arg-type]
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(_storage, "_read_runs", spy)
+    mp.setattr(_storage, "read_runs", spy)
     try:
         with migcore.listen(f"file://{path}", timeout=20) as listener:
             rx = Receiver(listener)

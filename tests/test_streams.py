@@ -49,7 +49,7 @@ def test_a_stream_that_dies_fails_the_migration_and_leaves_the_source_running() 
         if i == 1:
             self.conns[i].close()
             self.errors.append(migcore.PeerLostError("stream 1 cut by the test"))
-            self.source.conn.close()
+            self.wake()
             return
         real(self, i)
 

@@ -10,13 +10,20 @@ from typing import Any
 
 from migcore import _protocol as P
 from migcore._delta import DEFAULT_CACHE_BYTES
-from migcore._destination import Destination, DestinationOptions, Received
+from migcore._destination import Destination, Received
+from migcore._handshake import DestinationOptions
 from migcore._region import Region
-from migcore._source import Source, SourceOptions
+from migcore._batch import BatchEncoder
+from migcore._codecs import get_codec
+from migcore._file_receive import receive_file
+from migcore._socket_link import SocketLink
+from migcore._source import LinkFactory, Source, SourceOptions
+from migcore._source_link import SourceLink
 from migcore._stats import MigrationStats
+from migcore._stats import StatsRecorder
 from migcore._trackers import resolve_tracker
-from migcore._storage import FileSource, receive_file
-from migcore._transport import Connection, Server, connect, secure_server
+from migcore._storage import FileLink
+from migcore._transport import Connection, Server, connect, parse_address, secure_server
 from migcore.options import (
     Codec,
     ListenOptions,
@@ -175,14 +182,43 @@ def migrate(
         bandwidth_limit=bandwidth_limit,
         postcopy_bandwidth_limit=postcopy_bandwidth_limit,
         streams=streams,
-        connect=lambda: connect(address, timeout, tls),
     )
     if addr.scheme == "file":
         log.info("source: migrating %d bytes to shared storage %s (%s)", region.nbytes, addr.path, mode)
-        return FileSource(region, addr.path, opts).run()
-    conn = connect(address, timeout, tls)
-    log.info("source: migrating %d bytes to %s (%s, tracker %s)", region.nbytes, address, mode, tracker_name)
-    return Source(region, conn, opts).run()
+    else:
+        log.info("source: migrating %d bytes to %s (%s, tracker %s)", region.nbytes, address, mode, tracker_name)
+    return Source(region, opts, _link_factory(address, opts, timeout, tls)).run()
+
+
+def _link_factory(address: str, opts: SourceOptions, timeout: float | None, tls: ssl.SSLContext | None) -> LinkFactory:
+    """The link an address scheme calls for: shared storage for ``file://``, a connection otherwise."""
+    addr = parse_address(address)
+
+    def open_link(region: Region, stats: StatsRecorder, progress: Callable[[], None]) -> SourceLink:
+        if addr.scheme == "file":
+            return FileLink(region, addr.path, stats, bandwidth_limit=opts.bandwidth_limit, progress=progress)
+        encoder = None
+        if opts.compress is not None or opts.delta:
+            encoder = BatchEncoder(
+                region,
+                stats,
+                codec=get_codec(opts.compress) if opts.compress else None,
+                delta_cache_bytes=opts.delta_cache_bytes if opts.delta else None,
+            )
+        return SocketLink(
+            region,
+            connect(address, timeout, tls),
+            stats,
+            encoder=encoder,
+            token=opts.token,
+            streams=opts.streams,
+            connect=lambda: connect(address, timeout, tls),
+            bandwidth_limit=opts.bandwidth_limit,
+            postcopy_bandwidth_limit=opts.postcopy_bandwidth_limit,
+            progress=progress,
+        )
+
+    return open_link
 
 
 migrate.__doc__ = document_refusals(migrate.__doc__)

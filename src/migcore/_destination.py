@@ -29,7 +29,8 @@ from migcore._errors import (
     ProtocolError,
     VerificationError,
 )
-from migcore._region import Region, U64, check_page_size, count_bits_in, new_bitmap, runs_in
+from migcore._region import Region, U64, count_bits_in, new_bitmap, runs_in
+from migcore._handshake import DestinationOptions, check_hello
 from migcore._peer_errors import error_frame_for, error_from_peer
 from migcore._security import authenticate_destination
 from migcore._stats import MigrationStats, StatsRecorder
@@ -44,32 +45,6 @@ log = logging.getLogger("migcore")
 #: page queues behind at most this much background data on the destination's side.
 POSTCOPY_RCVBUF = 512 << 10
 
-
-
-@dataclass(frozen=True)
-class DestinationOptions:
-    """What a listener accepts; checked against every source's HELLO."""
-
-    max_bytes: int | None = None
-    compat: str | None = None
-    page_size: int | None = None
-    max_state_bytes: int = P.DEFAULT_MAX_STATE
-    max_payload: int = P.DEFAULT_MAX_PAYLOAD
-    check_memory: bool = True
-    #: Shared secret the source must prove it holds (None: no token exchange).
-    token: bytes | None = None
-
-
-def mem_available() -> int | None:
-    """``MemAvailable`` from ``/proc/meminfo`` in bytes, or None where there is no such file."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 def _allocate_region(nbytes: int, page_size: int) -> Region:
@@ -151,42 +126,17 @@ class Destination:
             self.codec = _codecs.get_codec(hello.codec)
         if hello.streams > 1:
             assert self.accept_stream is not None
-            self.streams = accept_streams(self, self.accept_stream, hello, self.opts.token)
+            self.streams = accept_streams(
+                self.accept_stream,
+                hello,
+                self.opts.token,
+                receive=lambda header, after, conn: self.receive_pages(header, after, conn=conn),
+                wake=self.conn.close,
+            )
 
     def check(self, hello: P.Hello) -> tuple[str, str] | None:
         """The first pre-migration check that fails, as ``(field, reason)``; None when all pass."""
-        o = self.opts
-        if hello.version != P.PROTOCOL_VERSION:
-            return "version", f"protocol version {hello.version} differs from this side's {P.PROTOCOL_VERSION}"
-        try:
-            check_page_size(hello.page_size)
-        except ValueError as exc:
-            return "page_size", str(exc)
-        if o.page_size is not None and hello.page_size != o.page_size:
-            return "page_size", f"page size {hello.page_size} differs from this side's {o.page_size}"
-        if o.compat != hello.compat:
-            return "compat", f"compat string {hello.compat!r} differs from this side's {o.compat!r}"
-        if hello.features & ~P.SUPPORTED_FEATURES:
-            return "features", f"unsupported feature bits {hello.features & ~P.SUPPORTED_FEATURES:#x}"
-        if hello.mode in ("postcopy", "hybrid") and not hello.features & P.FEATURE_POSTCOPY:
-            return "features", f"mode {hello.mode} needs the post-copy feature"
-        if bool(hello.features & P.FEATURE_COMPRESS) != (hello.codec is not None):
-            return "codec", "the compression feature and the codec disagree"
-        if hello.codec is not None and not _codecs.available(hello.codec):
-            return "codec", f"this side cannot decompress {hello.codec} (install its package)"
-        if bool(hello.features & P.FEATURE_STREAMS) != (hello.streams > 1):
-            return "streams", "the streams feature and the stream count disagree"
-        if hello.streams > 1 and self.accept_stream is None:
-            return "streams", "this destination cannot accept extra connections"
-        if o.max_bytes is not None and hello.nbytes > o.max_bytes:
-            return "nbytes", f"region of {hello.nbytes} bytes exceeds this side's max_bytes={o.max_bytes}"
-        if o.check_memory:
-            avail = mem_available()
-            if avail is not None and hello.nbytes > avail:
-                return "memory", f"region of {hello.nbytes} bytes exceeds the {avail} bytes of available memory"
-        if hello.state_size != P.UNKNOWN_SIZE and hello.state_size > o.max_state_bytes:
-            return "state_size", f"state of {hello.state_size} bytes exceeds this side's limit of {o.max_state_bytes}"
-        return None
+        return check_hello(hello, self.opts, extra_streams=self.accept_stream is not None)
 
     # -- the whole pre-switchover run -------------------------------------
 
@@ -237,12 +187,20 @@ class Destination:
         log.info("destination: migration failed before the switchover, discarded: %s", exc)
 
     def receive_pages(
-        self, header: P.Header, after: int, *, postcopy: bool = False, conn: Connection | None = None
+        self,
+        header: P.Header,
+        after: int,
+        *,
+        check_owed: Callable[[NDArray[np.uint64]], None] | None = None,
+        conn: Connection | None = None,
     ) -> NDArray[np.uint64]:
         """Validate a PAGES frame fully, then receive its payload straight into the region (or decode it).
 
-        ``conn`` is the extra stream the frame came on (default: the main connection).
+        ``check_owed`` is given after a post-copy switch: it raises unless
+        every page of the frame is still owed. ``conn`` is the extra stream
+        the frame came on (default: the main connection).
         """
+        postcopy = check_owed is not None
         assert self.region is not None and self.table is not None
         region = self.region
         conn = self.conn if conn is None else conn
@@ -267,16 +225,16 @@ class Destination:
         pages = P.validate_runs(runs, region.npages, after=after)
         payload = P.runs_payload(runs, region.page_size, region.nbytes)
         if zero:
-            if postcopy:
-                self.check_owed(runs)
+            if check_owed is not None:
+                check_owed(runs)
             self.receive_zero(runs, pages)
             return runs
         if payload != header.length and not encoded:
             raise ProtocolError(
                 f"PAGES header announces {header.length} payload bytes but its {pages} pages hold {payload}"
             )
-        if postcopy:
-            self.check_owed(runs)
+        if check_owed is not None:
+            check_owed(runs)
         self.region_written = True
         if encoded:
             self.receive_encoded(header, runs, pages, payload, conn)
@@ -341,10 +299,6 @@ class Destination:
             n = min(count * ps, region.nbytes - start)
             region.view[start : start + n] = view[pos : pos + n]
             pos += n
-
-    def check_owed(self, runs: NDArray[np.uint64]) -> None:
-        """Overridden by the post-copy service: a post-copy page must be owed."""
-        raise ProtocolError("post-copy PAGES before the switchover")
 
     def receive_precopy(self, hello: P.Hello) -> Received:
         assert self.region is not None and self.table is not None
@@ -537,7 +491,6 @@ class Received:
         self._missing = owed
         self._missing_count = int(_kernels.count_bits(owed))
         self._done = False
-        dest.check_owed = self._check_owed  # type: ignore[method-assign]
         # with userfaultfd, any touch of an owed page fetches it: the program needs no ensure()
         self._uffd = UffdPostcopy.attach(self.region, owed, dest.conn, written=dest.region_written)
         # demand latency: a small receive window keeps few background pages queued ahead of a demanded one
@@ -564,18 +517,22 @@ class Received:
     def _serve(self, digest: bytes) -> None:
         """Background thread: receive owed pages until END, then verify and confirm."""
         dest = self._dest
-        assert dest is not None and self._missing is not None
+        assert dest is not None and self._missing is not None and dest.table is not None
         try:
             if self._uffd is not None:
                 try:
-                    self._uffd.serve(dest, digest)  # the whole post-copy, in a loop that never takes the GIL
+                    # the whole post-copy, in a loop that never takes the GIL
+                    end = self._uffd.serve(dest.conn, dest.table, dest.opts.max_payload, self._stats)
                 finally:
                     self._uffd.close()
+                dest.verify(dest.end_digest(end, digest))  # POSTCOPY's digest, or END's when the source deferred it
+                with self._send_lock:
+                    dest.conn.send_all(P.encode_header(P.Frame.DONE), "sending DONE")
             while self._uffd is None:  # the Python receiver, when userfaultfd is not in use
                 header = dest.read_header("waiting for post-copy pages")
                 P.expect(header, (P.Frame.PAGES, P.Frame.END, P.Frame.ERROR), "post-copy")
                 if header.type is P.Frame.PAGES:
-                    runs = dest.receive_pages(header, 0, postcopy=True)
+                    runs = dest.receive_pages(header, 0, check_owed=self._check_owed)
                     with self._cond:
                         for first, count in runs.tolist():
                             _kernels.clear_bits(self._missing, first, first + count)

@@ -63,6 +63,30 @@ def runs_in(bitmap: NDArray[np.uint64], start: int, stop: int, out: NDArray[np.u
     return int(nruns)
 
 
+def fit_runs(runs: NDArray[np.uint64], cap: int, page_size: int) -> int:
+    """How many leading runs of ``runs`` hold at most ``cap`` bytes of pages (at least one).
+
+    The one place a batch is cut to size: the pre-copy batches, the
+    post-copy window and a demanded range all ask it.
+    """
+    sizes = np.cumsum(runs[:, 1].astype(np.int64)) * page_size
+    return max(1, int(np.searchsorted(sizes, cap, side="right")))
+
+
+def pages_to_runs(pages: NDArray[np.intp]) -> NDArray[np.uint64]:
+    """Runs ``(first, count)`` of an ascending array of distinct page indices."""
+    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [len(pages)]))
+    return np.stack((pages[starts], ends - starts), axis=1).astype(np.uint64)
+
+
+def bits_at(bitmap: NDArray[np.uint64], pages: NDArray[np.intp]) -> NDArray[np.bool_]:
+    """Whether each of ``pages`` is set in ``bitmap``."""
+    bits: NDArray[np.bool_] = ((bitmap[pages >> 6] >> (pages & 63).astype(np.uint64)) & np.uint64(1)).astype(bool)
+    return bits
+
+
 class Region:
     """A writable, C-contiguous buffer that migcore moves page by page.
 

@@ -137,6 +137,12 @@ class StatsRecorder:
             self.status = "active"
             self.setup_time = time.monotonic() - self.started
 
+    def round_planned(self, dirty_pages: int, remaining_bytes: int) -> None:
+        """A pre-copy round is about to send ``dirty_pages`` pages."""
+        with self.lock:
+            self.pages_per_round.append(dirty_pages)
+            self.remaining_bytes = remaining_bytes
+
     def synced(self, dirty_pages: int, remaining_bytes: int) -> None:
         """One more dirty-page synchronisation (QEMU's dirty-sync-count) found ``dirty_pages``."""
         with self.lock:

@@ -19,7 +19,6 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from migcore import _protocol as P
 from migcore._peer_errors import error_from_peer
@@ -28,12 +27,13 @@ from migcore._region import U64
 from migcore._security import authenticate_destination, authenticate_source
 from migcore._transport import Connection
 
-if TYPE_CHECKING:
-    from migcore._destination import Destination
-    from migcore._source import Source
-
 log = logging.getLogger("migcore")
 
+
+#: Sends one batch of runs on the given connection (the source engine's send, with its encoding and stats).
+SendOn = Callable[[U64, str, Connection], object]
+#: Validates and stores one PAGES frame that arrived on the given connection after page ``after``.
+ReceiveOn = Callable[[P.Header, int, Connection], U64]
 
 _END = "end"
 #: Batches queued per stream ahead of its thread.
@@ -45,35 +45,48 @@ def _reply(conn: Connection, what: str) -> tuple[P.Header, bytes]:
     return header, bytes(conn.recv_exact(P.check_length(header, P.MAX_CONTROL_BODY), what))
 
 
-def open_streams(source: Source, connect: Callable[[], Connection], n: int) -> StreamSenders:
-    """Open, authenticate and announce ``n`` extra connections, then start their sending threads."""
+def open_streams(
+    connect: Callable[[], Connection],
+    n: int,
+    *,
+    token: bytes | None,
+    migration_id: bytes,
+    send: SendOn,
+    wake: Callable[[], None],
+) -> StreamSenders:
+    """Open, authenticate and announce ``n`` extra connections, then start their sending threads.
+
+    ``send`` puts one batch on a stream's connection; ``wake`` unblocks the
+    main thread (it closes the main connection) when a stream fails.
+    """
     conns: list[Connection] = []
     try:
         for i in range(n):
             conn = connect()
             conns.append(conn)
-            if source.opts.token is not None:
-                authenticate_source(conn, source.opts.token)
-            conn.send_all(P.encode_stream(i, source.mid), "sending STREAM")
+            if token is not None:
+                authenticate_source(conn, token)
+            conn.send_all(P.encode_stream(i, migration_id), "sending STREAM")
             header, body = _reply(conn, f"waiting for the echo of stream {i}")
             if header.type is P.Frame.ERROR:
                 code, message = P.decode_error(body)
                 raise error_from_peer(code, message, "the destination")
-            if header.type is not P.Frame.STREAM or header.count != i or body != source.mid:
+            if header.type is not P.Frame.STREAM or header.count != i or body != migration_id:
                 raise ProtocolError(f"the destination answered stream {i} with {header.name} {header.count}")
     except BaseException:
         for conn in conns:
             conn.close()
         raise
     log.debug("source: %d page streams open", n)
-    return StreamSenders(source, conns)
+    return StreamSenders(conns, send, wake)
 
 
 class StreamSenders:
     """One thread per extra connection, each sending the batches queued for it."""
 
-    def __init__(self, source: Source, conns: list[Connection]) -> None:
-        self.source = source
+    def __init__(self, conns: list[Connection], send: SendOn, wake: Callable[[], None]) -> None:
+        self.send = send
+        self.wake = wake
         self.conns = conns
         self.queues: list[queue.Queue[tuple[U64, str] | int | str]] = [queue.Queue(QUEUE_DEPTH) for _ in conns]
         self.errors: list[BaseException] = []
@@ -97,7 +110,7 @@ class StreamSenders:
                     continue
                 if isinstance(item, tuple):
                     runs, phase = item
-                    self.source.send_runs(runs, phase=phase, conn=conn)
+                    self.send(runs, phase, conn)
                 elif isinstance(item, int):
                     conn.send_all(P.encode_header(P.Frame.ROUND_END, count=item), "sending a stream's ROUND_END")
                 else:
@@ -107,7 +120,7 @@ class StreamSenders:
             if not self.stop.is_set():
                 self.errors.append(exc)
                 log.debug("source: stream %d failed: %r", i, exc)
-                self.source.conn.close()  # wake the main thread wherever it waits
+                self.wake()  # the main thread may be waiting on its own connection
 
     def _put(self, i: int, item: tuple[U64, str] | int | str) -> None:
         while True:
@@ -160,9 +173,18 @@ class StreamSenders:
 
 
 def accept_streams(
-    dest: Destination, accept: Callable[[], Connection], hello: P.Hello, token: bytes | None
+    accept: Callable[[], Connection],
+    hello: P.Hello,
+    token: bytes | None,
+    *,
+    receive: ReceiveOn,
+    wake: Callable[[], None],
 ) -> StreamReceivers:
-    """Accept, authenticate and check the source's ``hello.streams`` extra connections."""
+    """Accept, authenticate and check the source's ``hello.streams`` extra connections.
+
+    ``receive`` stores one PAGES frame from a stream; ``wake`` unblocks the
+    main thread (it closes the main connection) when a stream fails.
+    """
     n = hello.streams
     conns: dict[int, Connection] = {}
     try:
@@ -191,14 +213,15 @@ def accept_streams(
         for conn in conns.values():
             conn.close()
         raise
-    return StreamReceivers(dest, [conns[i] for i in range(n)])
+    return StreamReceivers([conns[i] for i in range(n)], receive, wake)
 
 
 class StreamReceivers:
     """One thread per extra connection, each receiving its batches straight into the region."""
 
-    def __init__(self, dest: Destination, conns: list[Connection]) -> None:
-        self.dest = dest
+    def __init__(self, conns: list[Connection], receive: ReceiveOn, wake: Callable[[], None]) -> None:
+        self.receive = receive
+        self.wake = wake
         self.conns = conns
         self.cond = threading.Condition()
         self.marks = [0] * len(conns)
@@ -224,7 +247,7 @@ class StreamReceivers:
                 header = P.decode_header(conn.recv_exact(P.HEADER_SIZE, f"waiting on page stream {i}"))
                 P.expect(header, (P.Frame.PAGES, P.Frame.ROUND_END, P.Frame.END, P.Frame.ERROR), f"page stream {i}")
                 if header.type is P.Frame.PAGES:
-                    runs = self.dest.receive_pages(header, cursor, conn=conn)
+                    runs = self.receive(header, cursor, conn)
                     cursor = int(runs[-1, 0] + runs[-1, 1])
                     with self.cond:
                         self.rounds.setdefault(rnd, []).append(runs)
@@ -252,7 +275,7 @@ class StreamReceivers:
                 if self.error is None:
                     self.error = exc
                 self.cond.notify_all()
-            self.dest.conn.close()  # wake the main thread wherever it waits
+            self.wake()  # the main thread may be waiting on its own connection
 
     def _wait(self, ready: Callable[[], bool]) -> None:
         with self.cond:

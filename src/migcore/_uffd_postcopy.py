@@ -21,7 +21,6 @@ import os
 import struct
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -31,10 +30,8 @@ from migcore import _userfault
 from migcore._peer_errors import error_from_peer
 from migcore._errors import MigrationError, MigrationTimeout, PeerLostError, ProtocolError
 from migcore._region import Region, U64, runs_in
+from migcore._stats import StatsRecorder
 from migcore._transport import Connection
-
-if TYPE_CHECKING:
-    from migcore._destination import Destination
 
 log = logging.getLogger("migcore")
 
@@ -103,51 +100,53 @@ class UffdPostcopy:
             time.sleep(delay)
             delay = min(delay * 2, 0.005)
 
-    def serve(self, dest: Destination, digest: bytes) -> None:
-        """Run the fault-service loop until END, then verify and confirm; raise on any failure."""
+    def serve(self, conn: Connection, table: U64, max_payload: int, stats: StatsRecorder) -> P.Header:
+        """Run the fault-service loop until END and return END's header; raise on any failure.
+
+        Every owed page has arrived, been hashed into ``table`` and installed
+        when it returns; the caller checks the digest and confirms.
+        """
         uffd = self.uffd
         region = self.region
-        assert dest.table is not None
         try:
             rc = uffd.serve_postcopy(
                 P.LOOP_LAYOUT,
                 self.fd,
-                dest.conn.fd,
+                conn.fd,
                 self.wake_r,
                 self.addr,
                 region.nbytes,
                 region.page_size,
                 self.owed,
-                dest.table,
+                table,
                 self.info,
                 P.MAX_RUNS,
-                dest.opts.max_payload,
-                dest.conn.timeout or 0.0,
+                max_payload,
+                conn.timeout or 0.0,
             )
         finally:
-            self.account(dest)
+            self.account(conn, stats)
         if rc != 0:
             raise self.error(rc)
         header = P.decode_header(self.info[uffd.INFO_HEADER : uffd.INFO_HEADER + 2].astype("<u8").tobytes())
         P.expect(header, (P.Frame.END, P.Frame.ERROR), "post-copy")
         if header.type is P.Frame.ERROR:
-            code, message = P.decode_error(bytes(dest.read_body(header, P.MAX_CONTROL_BODY, "reading ERROR")))
-            raise error_from_peer(code, message, "the source")
+            body = bytes(conn.recv_exact(P.check_length(header, P.MAX_CONTROL_BODY), "reading ERROR"))
+            raise error_from_peer(*P.decode_error(body), "the source")
         if self.remaining:
             raise ProtocolError(f"the source ended post-copy with {self.remaining} pages still owed")
-        dest.verify(dest.end_digest(header, digest))  # POSTCOPY's digest, or END's when the source deferred it
-        dest.conn.send_all(P.encode_header(P.Frame.DONE), "sending DONE")
+        return header
 
-    def account(self, dest: Destination) -> None:
+    def account(self, conn: Connection, stats: StatsRecorder) -> None:
         """Move the loop's counters into the destination's statistics."""
         uffd, info = self.uffd, self.info
         pages, payload, wire = (int(info[i]) for i in (uffd.INFO_PAGES, uffd.INFO_PAYLOAD, uffd.INFO_WIRE))
-        dest.conn.received += wire
-        dest.stats.add_pages(pages, payload, wire, postcopy=True)
-        with dest.stats.lock:
-            dest.stats.postcopy_requests += int(info[uffd.INFO_DEMANDS])
-            dest.stats.zero_pages += int(info[uffd.INFO_ZERO])
-            dest.stats.remaining_bytes = self.remaining * self.region.page_size
+        conn.received += wire
+        stats.add_pages(pages, payload, wire, postcopy=True)
+        with stats.lock:
+            stats.postcopy_requests += int(info[uffd.INFO_DEMANDS])
+            stats.zero_pages += int(info[uffd.INFO_ZERO])
+            stats.remaining_bytes = self.remaining * self.region.page_size
 
     def error(self, rc: int) -> MigrationError:
         """The exception for a negative result of ``serve_postcopy``."""
