@@ -105,7 +105,7 @@ def test_zero_notices_install_zero_pages_and_the_digest_still_checks(
         header, _ = f.read_frame()
         assert header is not None and header.type is P.Frame.DONE
         assert received.stats.verified and received.missing_pages == 0
-        assert (received._uffd is None) == (receiver == "python")
+        assert received.transparent == (receiver == "uffd")
         assert bytes(received.region.view[3 * 4096 : 4 * 4096]) == bytes(4096)
         assert bytes(received.region.view[2 * 4096 : 3 * 4096]) == b"\x04" * 4096
         stats = received.stats
@@ -148,7 +148,7 @@ def test_pure_postcopy_owes_every_page_and_sends_zero_pages_as_notices(
     rx.join()
     assert rx.error is None, rx.error
     received = rx.received
-    assert received is not None and (received._uffd is None) == (receiver == "python")
+    assert received is not None and received.transparent == (receiver == "uffd")
     assert bytes(received.region.view) == expected
     assert stats.verified and received.stats.verified
     assert stats.zero_pages == len(zero) and received.stats.zero_pages == len(zero)

@@ -206,23 +206,21 @@ def test_demanded_pages_overtake_a_slow_background_push() -> None:
     thread took the page for one lost with the link and waited for the
     whole post-copy to end.
     """
-    from migcore._region import count_bits_in
 
     region = source_region(8 * MIB, seed=11)
     expected = bytes(region.view)
     ps = region.page_size
 
     def program(received: migcore.Received) -> dict[str, Any]:
-        assert received._uffd is not None and received._missing is not None
-        owed = received._missing
+        assert received.transparent
         pages = [int(p) for p in np.random.default_rng(4).choice(region.npages, size=64, replace=False)]
         asked = still_owed = 0
         data = []
         for p in pages:
-            if count_bits_in(owed, p, p + 1):
+            if received.missing_in(p * ps, 1):
                 asked += 1
                 received.ensure(p * ps, ps, timeout=30)
-                still_owed += count_bits_in(owed, p, p + 1)
+                still_owed += received.missing_in(p * ps, 1)
             data.append(bytes(received.region.view[p * ps : (p + 1) * ps]))
         return {"pages": pages, "asked": asked, "still_owed": still_owed, "data": data,
                 "missing_after": received.missing_pages}

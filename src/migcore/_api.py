@@ -10,7 +10,8 @@ from typing import Any
 
 from migcore import _protocol as P
 from migcore._delta import DEFAULT_CACHE_BYTES
-from migcore._destination import Destination, Received
+from migcore._destination import Destination
+from migcore._received import Received
 from migcore._handshake import DestinationOptions
 from migcore._region import Region
 from migcore._batch import BatchEncoder

@@ -17,7 +17,7 @@ import numpy as np
 
 from migcore import _destination, _kernels, _storage
 from migcore import _protocol as P
-from migcore._destination import Received
+from migcore._received import Received
 from migcore._errors import CompatibilityError, MigrationCancelled, ProtocolError, VerificationError
 from migcore._handshake import DestinationOptions, check_hello
 from migcore._region import Region, U64, new_bitmap
