@@ -155,40 +155,37 @@ def migrate(
         streams=streams,
     )
     addr = options.validate(address)
-    # the checked values that differ from the arguments (resolved, converted), under the names used below
-    on_stall, timeout, token_bytes = options.stall_policy, options.timeout, options.token_bytes
-    bandwidth_limit, postcopy_bandwidth_limit = options.bandwidth_limit, options.postcopy_bandwidth_limit
     region = source if isinstance(source, Region) else Region(source)
     if mode in ("precopy", "hybrid"):  # the modes with rounds use a tracker; "uffd" unavailable raises here
         tracker_name = resolve_tracker(tracker, region)
     else:
         tracker_name = "hash" if tracker == "auto" else tracker
     opts = SourceOptions(
-        mode=mode,
+        mode=options.mode,
         tracker=tracker_name,
-        downtime_limit=float(downtime_limit),
-        max_rounds=max_rounds,
-        timeout=timeout,
-        compat=compat,
-        on_stall=on_stall,
-        state=state,
-        pause=pause,
-        resume=resume,
-        throttle=throttle,
-        progress=progress,
-        compress=compress,
-        delta=delta,
-        delta_cache_bytes=delta_cache_bytes,
-        token=token_bytes,
-        bandwidth_limit=bandwidth_limit,
-        postcopy_bandwidth_limit=postcopy_bandwidth_limit,
-        streams=streams,
+        downtime_limit=float(options.downtime_limit),
+        max_rounds=options.max_rounds,
+        timeout=options.timeout,
+        compat=options.compat,
+        on_stall=options.stall_policy,
+        state=options.state,
+        pause=options.pause,
+        resume=options.resume,
+        throttle=options.throttle,
+        progress=options.progress,
+        compress=options.compress,
+        delta=options.delta,
+        delta_cache_bytes=options.delta_cache_bytes,
+        token=options.token_bytes,
+        bandwidth_limit=options.bandwidth_limit,
+        postcopy_bandwidth_limit=options.postcopy_bandwidth_limit,
+        streams=options.streams,
     )
     if addr.scheme == "file":
         log.info("source: migrating %d bytes to shared storage %s (%s)", region.nbytes, addr.path, mode)
     else:
         log.info("source: migrating %d bytes to %s (%s, tracker %s)", region.nbytes, address, mode, tracker_name)
-    return Source(region, opts, _link_factory(address, opts, timeout, tls)).run()
+    return Source(region, opts, _link_factory(address, opts, options.timeout, options.tls)).run()
 
 
 def _link_factory(address: str, opts: SourceOptions, timeout: float | None, tls: ssl.SSLContext | None) -> LinkFactory:
