@@ -1,6 +1,6 @@
 """migcore: live-migrate a running program's memory to another host with a millisecond pause."""
 
-from migcore._api import Listener, Received, listen, migrate
+from migcore._api import Listener, Received, listen, migrate, recover
 from migcore._errors import (
     AuthenticationError,
     CompatibilityError,
@@ -29,5 +29,6 @@ __all__ = [
     "VerificationError",
     "listen",
     "migrate",
+    "recover",
 ]
 __version__ = "0.1.0"

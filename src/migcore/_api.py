@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import ssl
 from collections.abc import Callable
 from types import TracebackType
@@ -10,8 +11,9 @@ from typing import Any
 
 from migcore import _protocol as P
 from migcore._delta import DEFAULT_CACHE_BYTES
-from migcore._destination import Destination
-from migcore._received import Received
+from migcore._destination import Destination, recover_reception
+from migcore._intake import Intake
+from migcore._received import PostcopyReceiver, Received
 from migcore._handshake import DestinationOptions
 from migcore._region import Region
 from migcore._batch import BatchEncoder
@@ -24,7 +26,7 @@ from migcore._stats import MigrationStats
 from migcore._stats import StatsRecorder
 from migcore._trackers import resolve_tracker
 from migcore._storage import FileLink
-from migcore._transport import Connection, Server, connect, parse_address, secure_server
+from migcore._transport import Connection, Server, connect, parse_address
 from migcore.options import (
     Codec,
     ListenOptions,
@@ -36,7 +38,7 @@ from migcore.options import (
     document_refusals,
 )
 
-__all__ = ["Listener", "Received", "listen", "migrate"]
+__all__ = ["Listener", "Received", "listen", "migrate", "recover"]
 
 log = logging.getLogger("migcore")
 
@@ -188,6 +190,65 @@ def migrate(
     return Source(region, opts, _link_factory(address, opts, options.timeout, options.tls)).run()
 
 
+def recover(
+    source: Any,
+    address: str,
+    migration_id: str,
+    *,
+    timeout: float | None = None,
+    compat: str | None = None,
+    progress: Callable[[MigrationStats], object] | None = None,
+    tls: ssl.SSLContext | None = None,
+    token: str | bytes | None = None,
+    postcopy_bandwidth_limit: float | None = None,
+) -> MigrationStats:
+    """Continue a post-copy migration whose link was lost after the switch.
+
+    ``source`` is the buffer (or :class:`Region`) that :func:`migrate` was
+    moving, untouched since its pause; ``migration_id`` is the
+    :attr:`PeerLostError.migration_id` it raised. The destination's listener
+    must still be open: it holds the reception paused and tells this side
+    which pages it still lacks; they are sent again (demanded ones first),
+    the whole table is checked end to end, and the destination's
+    :meth:`Received.wait` returns. Connection options (``tls``, ``token``,
+    ``compat``, ``timeout``) are those of :func:`migrate` and must match the
+    destination's as they did then. A lost link raises :class:`PeerLostError`
+    again and both sides stay paused: call :func:`recover` once more.
+    Refused (typed, nothing changed) when the destination has no paused
+    reception of that id or anything differs.
+    """
+    try:
+        mid = bytes.fromhex(migration_id)
+    except (TypeError, ValueError):
+        raise ValueError(f"migration_id must be the 32 hex digits of a PeerLostError.migration_id, got {migration_id!r}") from None
+    if len(mid) != 16:
+        raise ValueError(f"migration_id must be 32 hex digits, got {len(migration_id)} characters")
+    options = MigrationOptions(
+        mode="postcopy", timeout=timeout, compat=compat, progress=progress, tls=tls, token=token,
+        postcopy_bandwidth_limit=postcopy_bandwidth_limit,
+    )
+    options.validate(address)
+    region = source if isinstance(source, Region) else Region(source)
+    opts = SourceOptions(
+        mode="postcopy",
+        tracker="hash",
+        downtime_limit=float(options.downtime_limit),
+        max_rounds=options.max_rounds,
+        timeout=options.timeout,
+        compat=options.compat,
+        on_stall=options.stall_policy,
+        state=b"",
+        pause=None,
+        resume=None,
+        throttle=None,
+        progress=options.progress,
+        token=options.token_bytes,
+        postcopy_bandwidth_limit=options.postcopy_bandwidth_limit,
+    )
+    log.info("source: recovering migration %s to %s", migration_id, address)
+    return Source(region, opts, _link_factory(address, opts, options.timeout, options.tls), migration_id=mid).recover()
+
+
 def _link_factory(address: str, opts: SourceOptions, timeout: float | None, tls: ssl.SSLContext | None) -> LinkFactory:
     """The link an address scheme calls for: shared storage for ``file://``, a connection otherwise."""
     addr = parse_address(address)
@@ -280,6 +341,10 @@ class Listener:
         )
         self._path = addr.path if addr.scheme == "file" else None
         self._server = Server(address) if self._path is None else None
+        self._intake = Intake(self._server, self._tls, self._opts.token) if self._server is not None else None
+        #: post-copy receptions handed out that a recovering source may continue
+        self._receptions: dict[bytes, PostcopyReceiver] = {}
+        self._lock = threading.Lock()
 
     @property
     def address(self) -> str:
@@ -288,12 +353,9 @@ class Listener:
             return f"file://{self._path}"
         return self._server.address
 
-    def _accept(self, timeout: float | None) -> Connection:
-        assert self._server is not None
-        conn = self._server.accept(timeout)
-        if self._tls is not None:
-            conn = secure_server(conn, self._tls, timeout)
-        return conn
+    def _next(self, timeout: float | None) -> tuple[Connection, P.Header]:
+        assert self._intake is not None
+        return self._intake.next(timeout)
 
     def receive(self, timeout: float | None = None) -> Received:
         """Accept the next source and receive its migration; returns when the program may resume.
@@ -302,17 +364,42 @@ class Listener:
         to connect or for its next frame. Pre-copy and stop-and-copy return a
         complete, verified region; post-copy returns at the switch, with the
         remaining pages arriving in the background (see :class:`Received`).
+        While the listener stays open it also accepts, in the background, a
+        source that recovers one of its post-copy receptions after a lost
+        link (:func:`migcore.recover`).
         """
         timeout = check_timeout("timeout", timeout) if timeout is not None else self.timeout
         if self._path is not None:
             return receive_file(self._path, self._opts, timeout)
-        conn = self._accept(timeout)
-        return Destination(conn, self._opts, lambda: self._accept(timeout)).run()
+        conn, first = self._next(timeout)
+        received = Destination(conn, self._opts, first, lambda: self._next(timeout)).run()
+        if received._postcopy is not None:
+            self._keep(received._postcopy)
+        return received
+
+    def _keep(self, receiver: PostcopyReceiver) -> None:
+        """Remember a post-copy reception, and accept recovering sources from now on."""
+        assert receiver.hello is not None and self._intake is not None
+        with self._lock:
+            for mid in [m for m, r in self._receptions.items() if r.done]:
+                del self._receptions[mid]
+            self._receptions[receiver.hello.migration_id] = receiver
+        self._intake.route(P.Frame.RECOVER, self._recover)
+
+    def _find(self, migration_id: bytes) -> PostcopyReceiver | None:
+        with self._lock:
+            receiver = self._receptions.get(migration_id)
+        return None if receiver is None or receiver.done else receiver
+
+    def _recover(self, conn: Connection, header: P.Header) -> None:
+        recover_reception(conn, header, self._find, self._opts)
 
     def close(self) -> None:
-        """Stop listening and release the address."""
+        """Stop listening and release the address (a paused reception can then only be abandoned)."""
         if self._server is not None:
             self._server.close()
+        if self._intake is not None:
+            self._intake.close()
 
     def __enter__(self) -> Listener:
         return self

@@ -23,9 +23,9 @@ from migcore._errors import CompatibilityError, MigrationCancelled, MigrationErr
 from migcore._handshake import DestinationOptions, check_hello
 from migcore._page_store import PageStore
 from migcore._peer_errors import error_frame_for, error_from_peer
-from migcore._received import Received, start_postcopy
+from migcore._received import PostcopyReceiver, Received, start_postcopy
 from migcore._region import Region, U64
-from migcore._security import authenticate_destination
+from migcore import _local
 from migcore._stats import StatsRecorder
 from migcore._streams import StreamReceivers, accept_streams
 from migcore._trackers import runs_to_pages, zero_page_hashes
@@ -56,11 +56,17 @@ class Destination:
     """One incoming migration on one connection, from HELLO to commit (or to post-copy)."""
 
     def __init__(
-        self, conn: Connection, opts: DestinationOptions, accept_stream: Callable[[], Connection] | None = None
+        self,
+        conn: Connection,
+        opts: DestinationOptions,
+        first: P.Header,
+        accept_stream: Callable[[], tuple[Connection, P.Header]] | None = None,
     ) -> None:
         self.conn = conn
         self.opts = opts
-        #: Accepts one more connection on the listener (TLS included), for the source's extra streams.
+        #: The first frame's header, read after the authentication (``_intake``).
+        self.first = first
+        #: Accepts one more connection on the listener (TLS and authentication included), for the extra streams.
         self.accept_stream = accept_stream
         self.streams: StreamReceivers | None = None
         self.region: Region | None = None
@@ -79,16 +85,15 @@ class Destination:
     # -- the handshake -------------------------------------------------------
 
     def handshake(self) -> P.Hello:
-        # authentication comes first (inside TLS when there is TLS); it returns HELLO's header when tokenless
-        first = authenticate_destination(self.conn, self.opts.token)
-        header = first if first is not None else self.read_header("waiting for HELLO")
+        header = self.first
+        if header.type is P.Frame.RECOVER:
+            body = self.read_body(header, P.MAX_CONTROL_BODY, "reading RECOVER")
+            raise refuse(self.conn, "migration_id", f"no post-copy migration {P.decode_hello(body).migration_id.hex()} waits here")
         P.expect(header, (P.Frame.HELLO,), "the handshake")
         hello = P.decode_hello(self.read_body(header, P.MAX_CONTROL_BODY, "reading HELLO"))
         refusal = check_hello(hello, self.opts, extra_streams=self.accept_stream is not None)
         if refusal is not None:
-            field, reason = refusal
-            self.conn.abort_soon(P.encode_refuse(field, reason))
-            raise CompatibilityError(f"refused the source's migration ({field}): {reason}", field=field)
+            raise refuse(self.conn, *refusal)
         return hello
 
     def prepare(self, hello: P.Hello) -> PageStore:
@@ -126,9 +131,7 @@ class Destination:
         self.conn.send_all(P.encode_accept(accept), "sending ACCEPT")
         if hello.streams > 1:
             assert self.accept_stream is not None
-            self.streams = accept_streams(
-                self.accept_stream, hello, self.opts.token, receive=store.receive, wake=self.conn.close
-            )
+            self.streams = accept_streams(self.accept_stream, hello, receive=store.receive, wake=self.conn.close)
 
     # -- the whole pre-switchover run -------------------------------------
 
@@ -254,7 +257,9 @@ class Destination:
         body = self.read_body(header, size, "reading POSTCOPY", exact=size)
         digest, owed = P.decode_postcopy(body, npages, out=self.owed)
         self.join_streams(rnd)
-        receiver = start_postcopy(store, owed, self.conn, digest)
+        # a source in this process would stall behind a thread that faults holding the GIL: no userfaultfd then
+        receiver = start_postcopy(store, owed, self.conn, digest, transparent=not _local.is_source(hello.migration_id))
+        receiver.hello = hello
         return Received(store.region, state, self.stats, hello.mode, postcopy=receiver)
 
     def join_streams(self, rnd: int) -> None:
@@ -265,3 +270,53 @@ class Destination:
         self.streams.wait_end()
         self.streams.close()
         self.streams = None
+
+
+def refuse(conn: Connection, field: str, reason: str) -> CompatibilityError:
+    """REFUSE ``field`` to the peer (then close), and the error this side raises."""
+    conn.abort_soon(P.encode_refuse(field, reason))
+    return CompatibilityError(f"refused the source's migration ({field}): {reason}", field=field)
+
+
+def recover_reception(
+    conn: Connection,
+    header: P.Header,
+    find: Callable[[bytes], PostcopyReceiver | None],
+    opts: DestinationOptions,
+) -> None:
+    """A recovering source's RECOVER (already authenticated): hand its connection to the paused reception.
+
+    It must name a reception of this listener that is still waiting for its
+    pages, with the same compat string, page size and region size; anything
+    else is refused and changes nothing.
+    """
+    try:
+        if header.count or not 0 < header.length <= P.MAX_CONTROL_BODY:
+            raise ProtocolError(f"RECOVER frame of {header.length} bytes (count {header.count})")
+        hello = P.decode_hello(bytes(conn.recv_exact(header.length, "reading RECOVER")))
+    except MigrationError as exc:
+        frame = error_frame_for(exc)
+        if frame is not None:
+            conn.abort_soon(frame)
+        else:
+            conn.close()
+        raise
+    mid = hello.migration_id.hex()
+    receiver = find(hello.migration_id)
+    original = None if receiver is None else receiver.hello
+    if receiver is None or original is None:
+        raise refuse(conn, "migration_id", f"no post-copy migration {mid} waits to recover here")
+    for field, got, want in (
+        ("version", hello.version, original.version),
+        ("compat", hello.compat, original.compat),
+        ("compat", hello.compat, opts.compat),
+        ("page_size", hello.page_size, original.page_size),
+        ("nbytes", hello.nbytes, original.nbytes),
+    ):
+        if got != want:
+            raise refuse(conn, field, f"the recovering source's {field} {got!r} differs from migration {mid}'s {want!r}")
+    try:
+        receiver.resume(conn)
+    except CompatibilityError as exc:
+        raise refuse(conn, exc.field or "migration_id", str(exc)) from exc
+    log.info("destination: source reconnected to recover migration %s", mid)

@@ -153,19 +153,24 @@ class PageStore:
             )
 
 
-def end_digest(header: P.Header, digest: bytes, conn: Connection) -> bytes:
+def end_digest(header: P.Header, digest: bytes, conn: Connection, *, recovered: bool = False) -> bytes:
     """The digest a post-copy ends on: the POSTCOPY frame's or, when that was all zeros, END's body.
 
     A source that sent nothing before the switch hashes each owed page as
-    it sends it, so its digest is known only at END.
+    it sends it, so its digest is known only at END. After a recovery END
+    always carries the digest (the recovering source knows nothing of the
+    first link); it must then equal POSTCOPY's when that had one.
     """
-    if header.count or header.length not in (0, P.DIGEST_SIZE):
-        raise ProtocolError("END frame with a body")
+    deferred = digest == bytes(P.DIGEST_SIZE)
+    if header.count or header.length not in (0, P.DIGEST_SIZE) or (recovered and not header.length):
+        raise ProtocolError("END frame with a body" if not recovered else "a recovered post-copy END without its digest")
     if header.length == 0:
-        if digest == bytes(P.DIGEST_SIZE):
+        if deferred:
             raise ProtocolError("post-copy END without the digest that POSTCOPY deferred to it")
         return digest
     body = bytes(conn.recv_exact(P.check_length(header, P.DIGEST_SIZE, exact=P.DIGEST_SIZE), "reading END"))
-    if digest != bytes(P.DIGEST_SIZE):
+    if not deferred and not recovered:
         raise ProtocolError("END carries a digest although POSTCOPY had one")
+    if not deferred and body != digest:
+        raise VerificationError("the recovered source's digest differs from the one it switched over with")
     return body

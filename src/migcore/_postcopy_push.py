@@ -48,6 +48,7 @@ class PostcopyPush:
         zero_notices: bool,
         resident: U64 | None,
         timeout: float | None,
+        digest: bytes | None = None,
     ) -> None:
         self.region = region
         self.link = link
@@ -59,6 +60,8 @@ class PostcopyPush:
         #: the pages with memory behind them at the pause (None: read every page)
         self.resident = resident
         self.timeout = timeout
+        #: what END carries when no table is hashed as pages go (a recovery knows it up front)
+        self.digest = digest
         #: the background zero scan has reached this page
         self.scanned = 0
         self.demands: collections.deque[tuple[int, int]] = collections.deque()
@@ -85,7 +88,7 @@ class PostcopyPush:
         thread.start()
         try:
             self.push(count)
-            digest = None if self.hash_into is None else P.table_digest(self.hash_into)
+            digest = self.digest if self.hash_into is None else P.table_digest(self.hash_into)
             self.link.end_postcopy(digest)
             if not self.done.wait(self.timeout):
                 raise MigrationTimeout(f"the destination did not confirm post-copy within {self.timeout:g} s")

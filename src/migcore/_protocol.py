@@ -37,6 +37,19 @@ Frames, in order (S = source, D = destination)::
 
 Either side may send ERROR (code + message) and close; the source may send
 CANCEL before the switchover.
+
+After a lost link in post-copy, the source reconnects (TLS and AUTH as
+above) and continues the same migration::
+
+    S RECOVER   a HELLO body with the same migration id, compat string, page
+                size and region size
+    D RECOVERED limits (as in ACCEPT) + bitmap of the pages still owed
+                (count = words)  | REFUSE field + reason
+    S PAGES*    owed pages (background)   D DEMAND* runs wanted now
+    S END       digest of the source's whole table at the pause    D DONE
+
+Any number of times: a link lost during a recovery leaves both ends paused
+again.
 """
 
 from __future__ import annotations
@@ -123,6 +136,8 @@ class Frame(enum.IntEnum):
     CANCEL = 15
     AUTH = 16
     STREAM = 17
+    RECOVER = 18
+    RECOVERED = 19
 
 
 class LoopLayout(NamedTuple):
@@ -484,6 +499,31 @@ def decode_postcopy(
         raise ProtocolError("POSTCOPY owes pages past the end of the region")
     out[:] = owed
     return bytes(body[:DIGEST_SIZE]), out
+
+
+def encode_recover(hello: Hello) -> bytes:
+    """RECOVER: the HELLO body of the migration to continue (its id, compat string, page and region size)."""
+    body = encode_hello(hello)[HEADER_SIZE:]
+    return encode_header(Frame.RECOVER, length=len(body)) + body
+
+
+def encode_recovered(accept: Accept, owed: NDArray[np.uint64]) -> bytes:
+    """RECOVERED: this side's limits (an ACCEPT body), then its bitmap of the pages it still lacks."""
+    body = encode_accept(accept)[HEADER_SIZE:] + np.ascontiguousarray(owed, dtype="<u8").tobytes()
+    return encode_header(Frame.RECOVERED, count=len(owed), length=len(body)) + body
+
+
+def decode_recovered(header: Header, body: bytes | bytearray, npages: int) -> tuple[Accept, NDArray[np.uint64]]:
+    """The limits and owed bitmap of a RECOVERED frame: exactly one bit per page, none past the last."""
+    words = (npages + 63) // 64
+    if header.count != words or len(body) != _ACCEPT.size + 8 * words:
+        raise ProtocolError(f"RECOVERED of {header.count} words ({len(body)} bytes), expected {words} words")
+    accept = decode_accept(bytes(body[: _ACCEPT.size]))
+    owed = np.frombuffer(body, dtype="<u8", offset=_ACCEPT.size).astype(np.uint64)
+    tail = npages % 64
+    if tail and int(owed[-1]) >> tail:
+        raise ProtocolError("RECOVERED owes pages past the end of the region")
+    return accept, owed
 
 
 def table_digest(table: NDArray[np.uint64]) -> bytes:

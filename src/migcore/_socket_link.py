@@ -121,6 +121,21 @@ class SocketLink(SourceLink):
             )
         return accept
 
+    def recover(self, hello: P.Hello) -> U64:
+        if self.token is not None:
+            authenticate_source(self.conn, self.token)
+        self.send_frame(P.encode_recover(hello), "sending RECOVER")
+        header = self.read_header("waiting for RECOVERED")
+        if header.type is P.Frame.REFUSE:
+            raise P.decode_refuse(self.read_body(header, P.MAX_CONTROL_BODY, "reading REFUSE"))
+        if header.type is P.Frame.ERROR:
+            raise self.peer_error(header)
+        P.expect(header, (P.Frame.RECOVERED,), "the recovery")
+        words = (self.region.npages + 63) // 64
+        body = self.read_body(header, 64 + 8 * words, "reading RECOVERED")
+        self.accept, owed = P.decode_recovered(header, body, self.region.npages)
+        return owed
+
     def batch_cap(self, *, postcopy: bool = False) -> int:
         """Room for an encoded batch's overhead, the agreed payload and the bucket's size."""
         assert self.accept is not None

@@ -17,6 +17,7 @@ push (``_postcopy_push``) after a switch.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from migcore import _kernels, _residency
+from migcore import _kernels, _local, _residency
 from migcore import _protocol as P
 from migcore._convergence import Action, Convergence
 from migcore._delta import DEFAULT_CACHE_BYTES
@@ -49,6 +50,19 @@ log = logging.getLogger("migcore")
 PROGRESS_INTERVAL = 0.1
 #: Rows of the runs table one batch is cut from.
 BATCH_RUNS = 256
+
+#: Post-copy migrations of this process that lost their link after the switch: id -> the digest of the
+#: source's whole table at the pause, so a recovery can tell that the buffer is still the same.
+_RECOVERABLE: dict[bytes, bytes] = {}
+_RECOVERABLE_LOCK = threading.Lock()
+
+
+def frozen_digest(region: Region) -> bytes:
+    """The digest of every page's hash as the region is now (frozen since the pause)."""
+    table = np.empty(region.npages, dtype=np.uint64)
+    _kernels.hash_runs(region.view, region.page_size, np.array([[0, region.npages]], dtype=np.uint64), table)
+    return P.table_digest(table)
+
 
 #: Builds the migration's link once the engine has its statistics and its progress callback.
 LinkFactory = Callable[[Region, StatsRecorder, Callable[[], None]], SourceLink]
@@ -93,12 +107,14 @@ class SourceOptions:
 class Source:
     """One outgoing migration of ``region``, over the link ``open_link`` builds."""
 
-    def __init__(self, region: Region, opts: SourceOptions, open_link: LinkFactory) -> None:
+    def __init__(
+        self, region: Region, opts: SourceOptions, open_link: LinkFactory, *, migration_id: bytes | None = None
+    ) -> None:
         self.region = region
         self.opts = opts
         self.open_link = open_link
         self.link: SourceLink | None = None
-        self.mid = uuid.uuid4().bytes
+        self.mid = uuid.uuid4().bytes if migration_id is None else migration_id
         self.stats = StatsRecorder(
             mode=opts.mode,
             tracker=opts.tracker,
@@ -135,6 +151,7 @@ class Source:
     # -- the whole run -------------------------------------------------------
 
     def run(self) -> MigrationStats:
+        _local.add_source(self.mid)
         try:
             self.link = self.open_link(self.region, self.stats, self.report)
             self.handshake()
@@ -157,6 +174,7 @@ class Source:
                 raise
             raise err from exc
         finally:
+            _local.remove_source(self.mid)
             if self.link is not None:
                 self.link.close()
             if self.policy.throttle_level and self.opts.throttle is not None:
@@ -167,9 +185,12 @@ class Source:
 
     def handshake(self) -> None:
         assert self.link is not None
+        self.accept = self.link.open(self.hello())
+
+    def hello(self) -> P.Hello:
         opts, region = self.opts, self.region
         declared = P.UNKNOWN_SIZE if callable(opts.state) else len(memoryview(opts.state).cast("B"))
-        hello = P.Hello(
+        return P.Hello(
             version=P.PROTOCOL_VERSION,
             page_size=region.page_size,
             nbytes=region.nbytes,
@@ -182,7 +203,6 @@ class Source:
             streams=opts.streams,
             codec=opts.compress,
         )
-        self.accept = self.link.open(hello)
 
     def fail(self, exc: BaseException) -> None:
         """Clean up after a failure: rule 3 before the switchover, keep what is owed after it."""
@@ -429,6 +449,13 @@ class Source:
     def finish_ok(self) -> None:
         assert self.link is not None
         self.stats.completed(time.monotonic() - (self.paused_at or time.monotonic()))
+        downtime = self.stats.snapshot().downtime
+        if self.paused_at is not None and downtime > self.opts.downtime_limit:
+            self.stats.update(downtime_limit_exceeded=True)
+            log.warning(
+                "source: migration %s paused the program %.1f ms, over its downtime_limit of %.1f ms",
+                self.mid.hex(), downtime * 1e3, self.opts.downtime_limit * 1e3,
+            )
         self.link.close()
         self.report(force=True)
         log.info("source: migration %s completed", self.mid.hex())
@@ -436,7 +463,14 @@ class Source:
     # -- post-copy ---------------------------------------------------------------
 
     def postcopy(
-        self, owed: U64, count: int, *, hash_into: U64 | None, zero_notices: bool, resident: U64 | None
+        self,
+        owed: U64,
+        count: int,
+        *,
+        hash_into: U64 | None,
+        zero_notices: bool,
+        resident: U64 | None,
+        digest: bytes | None = None,
     ) -> None:
         """Push every owed page exactly once (``_postcopy_push``); report what is still owed if the link breaks."""
         assert self.link is not None
@@ -453,17 +487,61 @@ class Source:
             zero_notices=zero_notices,
             resident=resident,
             timeout=self.opts.timeout,
+            digest=digest,
         )
         try:
             push.run(count)
-        except PeerLostError as exc:
+        except (PeerLostError, MigrationTimeout) as exc:
+            with _RECOVERABLE_LOCK:
+                _RECOVERABLE[self.mid] = frozen_digest(self.region)
+            if isinstance(exc, MigrationTimeout):
+                raise
             # the destination confirms post-copy pages only all at once (DONE): every page owed at
             # the switch is still owed from the source's point of view; some never left at all
             unsent = int(_kernels.count_bits(owed))
             raise PeerLostError(
                 f"{exc}; after the post-copy switch the destination has not confirmed {count} owed pages "
-                f"({unsent} never sent); migration {self.mid.hex()} can be resumed from the source's buffer",
+                f"({unsent} never sent); migcore.recover(buffer, address, {self.mid.hex()!r}) continues it",
                 owed_pages=count,
                 owed_bytes=nbytes,
                 migration_id=self.mid.hex(),
             ) from exc
+
+    # -- recovery ----------------------------------------------------------------
+
+    def recover(self) -> MigrationStats:
+        """Continue a post-copy migration whose link was lost: resend what the destination still lacks."""
+        _local.add_source(self.mid)
+        try:
+            digest = frozen_digest(self.region)
+            with _RECOVERABLE_LOCK:
+                known = _RECOVERABLE.get(self.mid)
+            if known is not None and known != digest:
+                raise MigrationError(
+                    f"the buffer changed since migration {self.mid.hex()} paused: recovering would hand the "
+                    "destination bytes the program never had at its pause"
+                )
+            self.switched = True  # the program lives on the destination: a failure never resumes it here
+            self.link = self.open_link(self.region, self.stats, self.report)
+            owed = self.link.recover(self.hello())
+            self.accept = P.Accept(P.UNKNOWN_SIZE, P.DEFAULT_MAX_PAYLOAD, P.MAX_RUNS, 0)
+            count = int(_kernels.count_bits(owed))
+            self.stats.activate()
+            self.stats.update(recoveries=1)
+            log.info("source: recovering migration %s, %d pages still owed", self.mid.hex(), count)
+            # zero pages go as zero notices; every resent page is read from the frozen buffer
+            self.postcopy(owed, count, hash_into=None, zero_notices=True, resident=None, digest=digest)
+            self.stats.completed()
+            self.link.close()
+            self.report(force=True)
+            with _RECOVERABLE_LOCK:
+                _RECOVERABLE.pop(self.mid, None)
+            log.info("source: migration %s recovered and completed", self.mid.hex())
+        except BaseException as exc:
+            self.fail(self.link.cause(exc) if self.link is not None else exc)
+            raise
+        finally:
+            _local.remove_source(self.mid)
+            if self.link is not None:
+                self.link.close()
+        return self.stats.snapshot()

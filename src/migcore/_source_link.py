@@ -70,6 +70,10 @@ class SourceLink(ABC):
         """Wait until the destination resumed the program in post-copy."""
         raise MigrationError(f"{type(self).__name__} cannot switch to post-copy")
 
+    def recover(self, hello: P.Hello) -> U64:
+        """Reconnect to a paused post-copy reception of ``hello``'s migration; return the pages it still lacks."""
+        raise MigrationError(f"{type(self).__name__} cannot recover a post-copy migration")
+
     def begin_postcopy(self) -> None:
         """The switch is confirmed: the owed pages follow, demands come back."""
         raise MigrationError(f"{type(self).__name__} cannot switch to post-copy")

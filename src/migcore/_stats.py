@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-STATUSES = ("setup", "active", "postcopy-active", "completed", "failed", "cancelled")
+STATUSES = ("setup", "active", "postcopy-active", "postcopy-paused", "completed", "failed", "cancelled")
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,11 @@ class MigrationStats:
     because their delta was not smaller than the page, and
     ``delta_bytes_saved`` is page bytes minus delta bytes sent.
     ``bandwidth_wait`` is the time the bandwidth limit held traffic back.
+
+    Post-copy recovery: ``recoveries`` counts the links recovered after a
+    loss, ``paused_time`` the seconds spent in ``"postcopy-paused"``.
+    ``downtime_limit_exceeded`` is set when the pause lasted longer than the
+    ``downtime_limit`` the migration was asked to keep.
     """
 
     status: str = "setup"
@@ -64,6 +69,9 @@ class MigrationStats:
     delta_overflow: int = 0
     delta_bytes_saved: int = 0
     bandwidth_wait: float = 0.0
+    recoveries: int = 0
+    paused_time: float = 0.0
+    downtime_limit_exceeded: bool = False
 
 
 class StatsRecorder:
@@ -109,6 +117,9 @@ class StatsRecorder:
         self.delta_overflow = 0
         self.delta_bytes_saved = 0
         self.bandwidth_wait = 0.0
+        self.recoveries = 0
+        self.paused_time = 0.0
+        self.downtime_limit_exceeded = False
 
     # -- events: every change goes through one of these, under the lock ------
 

@@ -24,7 +24,7 @@ from migcore import _protocol as P
 from migcore._peer_errors import error_from_peer
 from migcore._errors import MigrationTimeout, PeerLostError, ProtocolError
 from migcore._region import U64
-from migcore._security import authenticate_destination, authenticate_source
+from migcore._security import authenticate_source
 from migcore._transport import Connection
 
 log = logging.getLogger("migcore")
@@ -173,15 +173,15 @@ class StreamSenders:
 
 
 def accept_streams(
-    accept: Callable[[], Connection],
+    accept: Callable[[], tuple[Connection, P.Header]],
     hello: P.Hello,
-    token: bytes | None,
     *,
     receive: ReceiveOn,
     wake: Callable[[], None],
 ) -> StreamReceivers:
-    """Accept, authenticate and check the source's ``hello.streams`` extra connections.
+    """Accept and check the source's ``hello.streams`` extra connections.
 
+    ``accept`` returns an authenticated connection and its first header;
     ``receive`` stores one PAGES frame from a stream; ``wake`` unblocks the
     main thread (it closes the main connection) when a stream fails.
     """
@@ -189,11 +189,8 @@ def accept_streams(
     conns: dict[int, Connection] = {}
     try:
         while len(conns) < n:
-            conn = accept()
+            conn, header = accept()
             try:
-                header = authenticate_destination(conn, token)
-                if header is None:
-                    header = P.decode_header(conn.recv_exact(P.HEADER_SIZE, "waiting for STREAM"))
                 if header.type is not P.Frame.STREAM or header.length != len(hello.migration_id):
                     raise ProtocolError(f"expected STREAM on an extra connection, got {header.name}")
                 mid = bytes(conn.recv_exact(header.length, "reading STREAM"))

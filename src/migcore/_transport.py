@@ -209,6 +209,18 @@ class Connection:
             pass
         self.sock.close()
 
+    def interrupt(self) -> None:
+        """Wake whoever waits on this connection (from another thread) without closing its descriptor.
+
+        A thread polling the raw descriptor (the no-GIL post-copy loop) sees
+        the end of the stream; the descriptor number is not reused before
+        that thread's owner calls :meth:`close`.
+        """
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     def abort_soon(self, data: bytes, seconds: float = 0.5) -> None:
         """Best effort: send a last frame (ERROR/CANCEL) within ``seconds``, then close."""
         saved = self.timeout

@@ -62,6 +62,9 @@ def register(fd: int, addr: int, length: int, mode: int) -> int:
 def unregister(fd: int, addr: int, length: int) -> None:
     """UFFDIO_UNREGISTER (wakes threads blocked on the range)."""
 
+def fill_owed(fd: int, addr: int, nbytes: int, page_size: int, owed: _U64) -> int:
+    """Zero pages where ``owed`` is set, wake every blocked thread, unregister; returns the pages filled."""
+
 def write_protect(fd: int, addr: int, length: int, protect: bool = True) -> None:
     """UFFDIO_WRITEPROTECT the range (or lift it)."""
 

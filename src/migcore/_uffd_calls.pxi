@@ -3,7 +3,7 @@
 # held and makes its call (or its scan loop) in one ``with nogil:`` block.
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
-from libc.errno cimport EAGAIN, EINTR, errno
+from libc.errno cimport EAGAIN, EEXIST, EINTR, errno
 from libc.stdint cimport uint8_t, uint64_t
 from libc.string cimport memset
 
@@ -106,6 +106,66 @@ def unregister(int fd, uint64_t addr, uint64_t length) -> None:
     rng.len = length
     if mig_ioctl(fd, MIG_UFFDIO_UNREGISTER, &rng) < 0:
         raise OSError(errno, f"UFFDIO_UNREGISTER: {_strerror(errno)}")
+
+
+cdef int _zero_span(int fd, uint64_t start, uint64_t length, mig_uffdio_zeropage *zp) noexcept nogil:
+    """UFFDIO_ZEROPAGE one span (waking its threads); 0 or the errno."""
+    zp.range.start = start
+    zp.range.len = length
+    zp.mode = 0
+    zp.zeropage = 0
+    while mig_ioctl(fd, MIG_UFFDIO_ZEROPAGE, zp) < 0:
+        if errno == EINTR:
+            continue
+        return errno
+    return 0
+
+
+def fill_owed(int fd, uint64_t addr, uint64_t nbytes, uint64_t page_size, uint64_t[::1] owed) -> int:
+    """Give up the pages still set in ``owed``: install zero pages there, wake their threads, unregister.
+
+    The program's explicit decision after a lost post-copy link (never the
+    library's): every thread blocked on the region wakes, the owed ones read
+    zeros. Returns how many pages were filled; the bits stay set.
+    """
+    cdef uint64_t npages = (nbytes + page_size - 1) // page_size
+    if <uint64_t>owed.shape[0] * 64 < npages:
+        raise ValueError("owed too short")
+    cdef uint64_t limit = _round_up(nbytes, _SYSTEM_PAGE)
+    cdef uint64_t p = 0, q, start, stop, filled = 0
+    cdef mig_uffdio_zeropage zp
+    cdef mig_uffdio_range rng
+    cdef int err = 0
+    cdef const uint64_t *bits = &owed[0]
+    with nogil:
+        while p < npages:
+            if not _bit(bits, p):
+                p += 1
+                continue
+            q = p
+            while q < npages and _bit(bits, q):
+                q += 1
+            start = addr + p * page_size
+            stop = addr + min(q * page_size, limit)
+            err = _zero_span(fd, start, stop - start, &zp)
+            if err == EEXIST:  # some of its pages are there already: fill the others one system page at a time
+                err = 0
+                while start < stop and not err:
+                    err = _zero_span(fd, start, _SYSTEM_PAGE, &zp)
+                    if err == EEXIST:
+                        err = 0
+                    start += _SYSTEM_PAGE
+            if err:
+                break
+            filled += q - p
+            p = q
+        rng.start = addr
+        rng.len = limit
+        mig_ioctl(fd, MIG_UFFDIO_UNREGISTER, &rng)
+        mig_ioctl(fd, MIG_UFFDIO_WAKE, &rng)
+    if err:
+        raise OSError(err, f"UFFDIO_ZEROPAGE: {_strerror(err)}")
+    return filled
 
 
 def write_protect(int fd, uint64_t addr, uint64_t length, bint protect=True) -> None:

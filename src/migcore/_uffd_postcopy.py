@@ -8,10 +8,12 @@ frame, a fault on a page the source never sent (a zero page) gets the zero
 page, and every arriving page is hashed and installed with ``UFFDIO_COPY``
 from a receive buffer, exactly once (the pages of a zero notice with
 ``UFFDIO_ZEROPAGE``, after the same checks). A faulting thread is woken only
-once its pages are marked present. When the loop stops (END, an error, a
-lost link) it has already unregistered the region, so no thread stays
-blocked: after a failure, pages still owed read as zeros (``missing_pages``
-and ``wait()`` say so).
+once its pages are marked present. When the link breaks the registration
+stays: a thread touching an owed page stays blocked until the page arrives
+through a recovered link (the loop runs again on the new socket), or until
+the program gives the missing pages up (:meth:`UffdPostcopy.abandon`, which
+fills them with zeros and wakes everyone). No owed page ever reads as a byte
+the source did not send.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from migcore import _protocol as P
 from migcore import _userfault
 from migcore._peer_errors import error_from_peer
 from migcore._errors import MigrationError, MigrationTimeout, PeerLostError, ProtocolError
-from migcore._region import Region, U64, runs_in
+from migcore._region import Region, U64, count_bits_in
 from migcore._stats import StatsRecorder
 from migcore._transport import Connection
 
@@ -143,10 +145,11 @@ class UffdPostcopy:
         pages, payload, wire = (int(info[i]) for i in (uffd.INFO_PAGES, uffd.INFO_PAYLOAD, uffd.INFO_WIRE))
         conn.received += wire
         stats.add_pages(pages, payload, wire, postcopy=True)
-        with stats.lock:
-            stats.postcopy_requests += int(info[uffd.INFO_DEMANDS])
-            stats.zero_pages += int(info[uffd.INFO_ZERO])
-            stats.remaining_bytes = self.remaining * self.region.page_size
+        stats.add(postcopy_requests=int(info[uffd.INFO_DEMANDS]), zero_pages=int(info[uffd.INFO_ZERO]))
+        stats.update(remaining_bytes=self.remaining * self.region.page_size)
+        # the loop adds to these: a later run (after a recovery) counts from zero again
+        for i in (uffd.INFO_PAGES, uffd.INFO_PAYLOAD, uffd.INFO_WIRE, uffd.INFO_DEMANDS, uffd.INFO_ZERO):
+            info[i] = 0
 
     def error(self, rc: int) -> MigrationError:
         """The exception for a negative result of ``serve_postcopy``."""
@@ -164,24 +167,35 @@ class UffdPostcopy:
             return MigrationError("post-copy fault service stopped")
         return MigrationError(f"post-copy fault service failed in {where}{detail}")
 
-    def ensure(self, first: int, stop: int) -> None:
-        """Ask for the owed pages of ``[first, stop)`` at once, then wait for them by touching them."""
+    def request(self, first: int, stop: int) -> None:
+        """Ask the loop for the owed pages of ``[first, stop)`` at once (queued while the link is down)."""
         try:
             os.write(self.wake_w, _REQUEST.pack(first, stop))
-        except OSError:  # the loop is gone (or the pipe is full): touching still faults them in
+        except OSError:  # the pipe is full: the pages come with the background push
             pass
-        ps = self.region.page_size
-        runs = np.empty((P.MAX_RUNS, 2), dtype=np.uint64)
-        cursor = first
-        while cursor < stop:
-            n = runs_in(self.owed, cursor, stop, runs)
-            if n == 0:
-                break
-            for a, k in runs[:n].tolist():
-                lo = a * ps
-                hi = min((a + k) * ps, self.region.nbytes)
-                self.uffd.touch(self.addr + lo, hi - lo, _userfault.SYSTEM_PAGE)
-            cursor = int(runs[n - 1, 0] + runs[n - 1, 1])
+
+    def wait_present(self, first: int, stop: int, timeout: float | None) -> bool:
+        """Wait until no page of ``[first, stop)`` is owed, without touching them; False on timeout.
+
+        The loop clears the owed bits without the GIL, so this looks at them
+        with a short sleep that grows to a millisecond.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.00005
+        while count_bits_in(self.owed, first, stop):
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 0.001)
+        return True
+
+    def abandon(self) -> int:
+        """The program gives the owed pages up: zeros there, every blocked thread woken; returns the pages lost."""
+        lost = 0
+        if self.fd >= 0:
+            lost = self.uffd.fill_owed(self.fd, self.addr, self.region.nbytes, self.region.page_size, self.owed)
+        self.close()
+        return lost
 
     def close(self) -> None:
         """Release the descriptors (closing the userfaultfd also drops any registration left)."""
