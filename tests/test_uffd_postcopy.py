@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,14 @@ if a.pop("dirty", False):  # rewrite pages 10..59 every round (no convergence), 
 try:
     stats = migcore.migrate(region, a["address"], timeout=20, state=b"st", **a["kw"], **extra)
     print(json.dumps({"status": stats.status, "verified": stats.verified}))
+except migcore.PeerLostError as exc:
+    if not a.get("recover"):
+        print(json.dumps({"error": type(exc).__name__}))
+        raise SystemExit(0)
+    import time
+    time.sleep(a.get("recover_delay", 0))  # the destination stays paused meanwhile
+    stats = migcore.recover(region, a["recover"], exc.migration_id, timeout=20)
+    print(json.dumps({"status": stats.status, "verified": stats.verified, "recovered": True}))
 except migcore.MigrationError as exc:
     print(json.dumps({"error": type(exc).__name__}))
 """
@@ -64,7 +73,9 @@ except migcore.MigrationError as exc:
 
 def spawn_source(address: str, nbytes: int, seed: int, page_size: int = 4096, **kw: Any) -> subprocess.Popen[str]:
     dirty = kw.pop("dirty", False)
-    args = {"address": address, "nbytes": nbytes, "seed": seed, "page_size": page_size, "kw": kw, "dirty": dirty}
+    recover, delay = kw.pop("recover", None), kw.pop("recover_delay", 0)
+    args = {"address": address, "nbytes": nbytes, "seed": seed, "page_size": page_size, "kw": kw, "dirty": dirty,
+            "recover": recover, "recover_delay": delay}
     return subprocess.Popen(
         [sys.executable, "-c", SOURCE, json.dumps(args), str(Path(__file__).parent)],
         stdout=subprocess.PIPE, text=True,
@@ -152,33 +163,97 @@ def test_ensure_is_a_prefetch_and_threads_fault_concurrently() -> None:
     assert rx.received is not None and rx.received.stats.postcopy_requests >= 1
 
 
-def test_link_cut_after_switch_leaves_an_unregistered_usable_region() -> None:
-    region = source_region(32 * MIB, seed=7)
-    with migcore.listen("tcp://127.0.0.1:0", timeout=10) as listener:
-        proxy = CutProxy(listener.address, cut_after=4 * MIB)
-        rx = Receiver(listener, wait=True, timeout=10)
-        with pytest.raises(migcore.PeerLostError):
-            migcore.migrate(region, proxy.address, mode="postcopy", timeout=10)
-        rx.join()
-        proxy.join()
-    assert isinstance(rx.error, migcore.PeerLostError)
-    received = rx.received
-    assert received is not None
-    assert received.missing_pages > 0
-    nbytes, ps = received.region.nbytes, received.region.page_size
-    assert received.missing_in(0, nbytes) == received.missing_pages
-    owed = [p for p in range(received.region.npages) if received.missing_in(p * ps, 1)]
-    assert len(owed) == received.missing_pages
-    assert received.missing_in(owed[0] * ps, 2 * ps) >= 1 and received.missing_in(0, 0) == 0
-    with pytest.raises(ValueError, match="outside"):
-        received.missing_in(nbytes - 1, 2)
-    # every page is readable without blocking (the owed ones as zeros) and writable
+def read_pages(received: migcore.Received, pages: list[int], out: list[bytes], started: threading.Event) -> None:
+    """A destination thread reading owed pages as a program would, with the GIL released while it waits.
+
+    (``np.add.reduce`` over a contiguous array runs its loop without the GIL;
+    a read that holds the GIL while it faults would stall the destination's
+    whole process until the page came, recovery included.)
+    """
+    ps = received.region.page_size
     arr = received.region.array()
-    int(arr.sum(dtype=np.uint64))
-    arr[:] = 1
-    assert int(arr[::4096].sum()) == received.region.npages
-    with pytest.raises(migcore.PeerLostError):
-        received.wait(5)
+    started.set()
+    for p in pages:
+        np.add.reduce(arr[p * ps : (p + 1) * ps].view(np.uint64))  # faults here until the page is present
+        out.append(bytes(received.region.view[p * ps : (p + 1) * ps]))
+
+
+def test_link_cut_after_switch_pauses_and_a_reader_gets_the_source_bytes_after_recovery() -> None:
+    region = source_region(32 * MIB, seed=7)
+    expected = bytes(region.view)
+    ps = region.page_size
+    with migcore.listen("tcp://127.0.0.1:0", timeout=20) as listener:
+        proxy = CutProxy(listener.address, cut_after=4 * MIB)
+        rx = Receiver(listener, wait=False, timeout=20)
+        proc = spawn_source(proxy.address, region.nbytes, 7, mode="postcopy", recover=listener.address, recover_delay=1.0)
+        rx.join(30)
+        received = rx.received
+        assert received is not None and received.transparent
+        proxy.cut.wait(20)
+        deadline = time.monotonic() + 10
+        while received.stats.status != "postcopy-paused" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert received.stats.status == "postcopy-paused"
+        owed = [p for p in range(region.npages) if received.missing_in(p * ps, 1)]
+        assert len(owed) == received.missing_pages > 0
+        pages = [owed[0], owed[len(owed) // 2], owed[-1]]
+        got: list[bytes] = []
+        started = threading.Event()
+        reader = threading.Thread(target=read_pages, args=(received, pages, got, started), daemon=True)
+        reader.start()
+        started.wait(5)
+        time.sleep(0.3)
+        assert got == [] and reader.is_alive()  # blocked on a page that has not come: no zeros
+        with pytest.raises(migcore.MigrationTimeout):
+            received.ensure(pages[1] * ps, ps, timeout=0.2)
+        result = source_result(proc)
+        assert result.get("recovered") and result["status"] == "completed", result
+        received.wait(20)
+        reader.join(10)
+    assert got == [expected[p * ps : (p + 1) * ps] for p in pages]
+    assert bytes(received.region.view) == expected
+    stats = received.stats
+    assert stats.status == "completed" and stats.verified and stats.recoveries == 1 and stats.paused_time > 0.5
+
+
+def test_source_killed_during_postcopy_pauses_until_the_program_abandons() -> None:
+    region = source_region(32 * MIB, seed=8)
+    expected = bytes(region.view)
+    ps = region.page_size
+    with migcore.listen("tcp://127.0.0.1:0", timeout=20) as listener:
+        rx = Receiver(listener, wait=False, timeout=20)
+        proc = spawn_source(listener.address, region.nbytes, 8, mode="postcopy", postcopy_bandwidth_limit=8 * MIB)
+        rx.join(30)
+        received = rx.received
+        assert received is not None and received.transparent
+        time.sleep(0.3)
+        proc.kill()  # SIGKILL: no goodbye on the wire
+        proc.communicate(timeout=10)
+        deadline = time.monotonic() + 10
+        while received.stats.status != "postcopy-paused" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert received.stats.status == "postcopy-paused"
+        owed = [p for p in range(region.npages) if received.missing_in(p * ps, 1)]
+        assert len(owed) == received.missing_pages > 0
+        got: list[bytes] = []
+        started = threading.Event()
+        reader = threading.Thread(target=read_pages, args=(received, [owed[-1]], got, started), daemon=True)
+        reader.start()
+        started.wait(5)
+        time.sleep(0.3)
+        assert got == [] and reader.is_alive()
+        with pytest.raises(migcore.MigrationTimeout):
+            received.wait(0.2)
+        lost = received.abandon()
+        reader.join(5)
+        assert not reader.is_alive() and got == [bytes(ps)]  # the zeros the program chose, only now
+        assert lost == len(owed) == received.missing_pages
+        assert received.stats.status == "failed"
+        with pytest.raises(migcore.MigrationError, match="abandoned"):
+            received.wait(1)
+    view = received.region.view
+    present = [p for p in range(region.npages) if p not in set(owed)]
+    assert all(view[p * ps : (p + 1) * ps] == expected[p * ps : (p + 1) * ps] for p in present[:: max(1, len(present) // 200)])
 
 
 def test_guarded_bytearray_regions_use_the_python_receiver(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -104,7 +104,8 @@ class Intake:
             return
         try:
             handler(*opened)
-        except BaseException as exc:  # noqa: BLE001 - the peer was told; this side only logs it
+        except BaseException as exc:  # noqa: BLE001 - the peer was told (or sees the close); this side logs it
+            opened[0].close()
             log.warning("destination: %s connection refused: %s", opened[1].type.name, exc)
 
     def _queue(self, item: Opened | BaseException) -> None:

@@ -357,6 +357,7 @@ def decode_refuse(body: bytes) -> CompatibilityError:
 
 REFUSE_FIELDS = (
     "version", "page_size", "nbytes", "memory", "compat", "features", "mode", "state_size", "tracker", "codec", "streams",
+    "migration_id",
 )
 
 

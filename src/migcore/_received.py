@@ -37,7 +37,8 @@ POSTCOPY_RCVBUF = 512 << 10
 class PostcopyReceiver(ABC):
     """Receives the pages owed after a post-copy switch, then checks and confirms the whole region.
 
-    States: ``active`` (a link delivers pages), ``paused`` (the link was lost;
+    States: ``active`` (a link delivers pages; ``recovering`` while a new
+    link is told what is still owed), ``paused`` (the link was lost;
     owed pages stay missing, a thread that needs one waits), ``completed``
     (every page arrived and the digest matched), ``failed`` (the digest did
     not match, or the program called :meth:`abandon`). Only a recovered link
@@ -109,6 +110,10 @@ class PostcopyReceiver(ABC):
                 if self.generation:
                     accept = P.Accept(P.UNKNOWN_SIZE, self.store.max_payload, P.MAX_RUNS, P.SUPPORTED_FEATURES)
                     self.conn.send_all(P.encode_recovered(accept, self.owed_snapshot()), "sending RECOVERED")
+                    with self.cond:  # only now may DEMAND frames go on the new link
+                        if self.state == "recovering":
+                            self.state = "active"
+                        self.cond.notify_all()
                 end = self.receive_all()
                 self.store.verify(end_digest(end, self.digest, self.conn, recovered=self.generation > 0))
                 with self.send_lock:
@@ -148,7 +153,7 @@ class PostcopyReceiver(ABC):
             self.stats.update(status="postcopy-paused", error=str(exc))
             log.warning(
                 "destination: post-copy link lost, paused with %d pages owed (migration %s): %r",
-                self.count, self.stats.migration_id, exc,
+                self.remaining, self.stats.migration_id, exc,
             )
             self.cond.notify_all()
             self.cond.wait_for(lambda: self.next_conn is not None or self.state == "failed")
@@ -157,7 +162,7 @@ class PostcopyReceiver(ABC):
             assert self.next_conn is not None
             self.conn, self.next_conn = self.next_conn, None
             self.generation += 1
-            self.state = "active"
+            self.state = "recovering"
             self.stats.add(recoveries=1, paused_time=time.monotonic() - self.paused_at)
             self.stats.update(status="postcopy-active", error="")
             self.cond.notify_all()
@@ -179,14 +184,15 @@ class PostcopyReceiver(ABC):
     # -- what the program and the listener call --------------------------------------
 
     def interrupt(self, timeout: float | None) -> None:
-        """Make an active receiver pause now (its link is about to be replaced or given up)."""
+        """Make a receiving receiver pause now (its link is about to be replaced or given up)."""
+        running = ("active", "recovering")
         with self.cond:
-            if self.state != "active":
+            if self.state not in running:
                 return
             conn = self.conn
         conn.interrupt()
         with self.cond:
-            if not self.cond.wait_for(lambda: self.state != "active", timeout):
+            if not self.cond.wait_for(lambda: self.state not in running, timeout):
                 raise MigrationTimeout("the post-copy receiver did not stop on its old link")
 
     def resume(self, conn: Connection, timeout: float | None = 5.0) -> None:

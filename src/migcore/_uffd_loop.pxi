@@ -154,11 +154,11 @@ def serve_postcopy(
     ranges to ask for; ``first = 2**64 - 1`` or end of file stops the loop)
     and the socket (PAGES frames are validated against the region and the
     ``owed`` bitmap before their payload is read, then hashed into ``table``
-    and installed with UFFDIO_COPY; ``owed`` bits clear as pages land). On
-    success it unregisters ``[addr, addr + nbytes)`` (rounded up to the
-    system page) and wakes the range before it takes the GIL again; on any
-    failure the registration stays, so no thread reads a page that did not
-    come (call it again with a new socket, or ``fill_owed``). Returns 0 when it stopped at
+    and installed with UFFDIO_COPY; ``owed`` bits clear as pages land). Once
+    no page is owed it unregisters ``[addr, addr + nbytes)`` (rounded up to
+    the system page) and wakes the range before it takes the GIL again; while
+    pages are owed the registration stays, so no thread reads a page that did
+    not come (call it again with a new socket, or ``fill_owed``). Returns 0 when it stopped at
     another frame (its header in ``info[_INFO_HEADER:_INFO_HEADER + 2]``) or a
     negative ``SERVE_*`` code; ``info`` also counts pages, bytes and demands.
     ``layout`` is ``migcore._protocol.LOOP_LAYOUT``: the frame numbers and
@@ -209,15 +209,16 @@ def serve_postcopy(
         else:
             (<volatile uint64_t *>&s.info[_INFO_READY])[0] = 1
             rc = _serve_loop(&s, timeout)
-        if rc == 0:
+        if s.info[_INFO_REMAINING] == 0:
             # every owed page is installed: the region becomes ordinary memory, here, before the GIL is
             # taken again, and every thread still blocked on it (a late fault on a page never sent) wakes
             rng.start = addr
             rng.len = s.limit
             mig_ioctl(uffd, MIG_UFFDIO_UNREGISTER, &rng)
             mig_ioctl(uffd, MIG_UFFDIO_WAKE, &rng)
-        # on any failure the registration stays: a thread touching an owed page stays blocked until
-        # the pages come through a recovered link, or the program gives them up (fill_owed)
+        # while pages are owed the registration stays, whatever stopped the loop: a thread touching an
+        # owed page stays blocked until it comes through a recovered link, or the program gives it up
+        # (fill_owed)
         free(s.demanded)
         free(s.pending)
         free(s.frame)
