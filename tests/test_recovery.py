@@ -274,3 +274,31 @@ def test_downtime_over_the_limit_is_flagged() -> None:
         rx.join()
     assert slow.downtime > 0 and slow.downtime_limit_exceeded
     assert not fast.downtime_limit_exceeded
+
+
+def test_a_source_in_the_same_process_never_stalls_the_destination() -> None:
+    """Both ends in one process: no userfaultfd (a fault holding the GIL would stop the push); ensure() is fast."""
+    region = random_region(16 * MIB, seed=11, zero_fraction=0.0)
+    before = bytes(region.view)
+    ps = region.page_size
+    times: list[float] = []
+    got: dict[int, bytes] = {}
+
+    def program(received: migcore.Received) -> bool:
+        pages = [int(p) for p in np.random.default_rng(12).choice(region.npages, 32, replace=False)]
+        arr = received.region.array()
+        for p in pages:
+            t0 = time.monotonic()
+            received.ensure(p * ps, ps, timeout=5.0)  # a stalled push would time out here
+            got[p] = bytes(arr[p * ps : (p + 1) * ps])
+            times.append(time.monotonic() - t0)
+        return received.transparent
+
+    with migcore.listen("tcp://127.0.0.1:0", timeout=TIMEOUT) as listener:
+        rx = Receiver(listener, timeout=TIMEOUT, then=program)
+        migcore.migrate(region, listener.address, mode="postcopy", timeout=TIMEOUT, postcopy_bandwidth_limit=32 * MIB)
+        rx.join()
+    assert rx.error is None and rx.result is False
+    assert got == {p: before[p * ps : (p + 1) * ps] for p in got}
+    assert len(times) == 32
+    assert rx.received is not None and bytes(rx.received.region.view) == before
