@@ -303,3 +303,50 @@ def test_postcopy_and_stopcopy_bars() -> None:
     done = s(status="completed", page_size=ps, rounds=1, pages_per_round=(40,))
     assert bars([*post, done]) == [("post-copy", 40 * ps, 40 * ps)]
     assert bars([post[0], done]) == [("stop-and-copy", 40 * ps, 40 * ps)]
+
+
+def test_receive_refuses_an_out_file_it_cannot_write(tmp_path: Path) -> None:
+    proc = run_cli("receive", "tcp://127.0.0.1:0", "--out", str(tmp_path / "no" / "such" / "dir" / "x"), timeout=30)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+    assert "listening" not in proc.stdout  # refused before anything could be accepted
+
+
+def test_a_lost_postcopy_link_is_recovered_from_the_command_line(
+    tmp_path: Path, writer: tuple[subprocess.Popen[str], Path]
+) -> None:
+    import sys as _sys
+
+    _sys.path.insert(0, str(Path(__file__).parent))
+    from _proxy import CutProxy
+
+    wproc, path = writer
+    recv = subprocess.Popen(
+        [sys.executable, "-m", "migcore", "receive", "tcp://127.0.0.1:0", "--out", str(tmp_path / "out.bin"),
+         "--timeout", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    try:
+        assert recv.stdout is not None
+        address = recv.stdout.readline().split()[-1]
+        proxy = CutProxy(address, 600_000)
+        lost = run_cli(
+            "send", str(path), proxy.address, "--mode", "postcopy", "--pause-signal", str(wproc.pid),
+            "--timeout", "30", "--no-progress", "--postcopy-bandwidth-limit", "4MiB/s",
+        )  # fmt: skip
+        proxy.join()
+        assert lost.returncode == 1, lost.stdout + lost.stderr
+        said = " ".join(lost.stderr.split())  # the console wraps long lines
+        mid = said.split("migration id ", 1)[1][:32]
+        assert f"--recover {mid}" in said
+        assert cli_send.process_stopped(wproc.pid)  # after the switch: the program lives at the destination
+        assert recv.poll() is None  # the paused reception (and its listener) stay alive
+        again = run_cli("send", str(path), address, "--recover", mid, "--timeout", "30", "--no-progress")
+        assert again.returncode == 0, again.stdout + again.stderr
+        out, err = recv.communicate(timeout=60)
+        assert recv.returncode == 0, out + err
+        assert "post-copy paused" in " ".join(out.split()) and "recoveries" in out
+    finally:
+        if recv.poll() is None:
+            recv.kill()
+            recv.communicate()
+    assert (tmp_path / "out.bin").read_bytes() == path.read_bytes()

@@ -120,6 +120,8 @@ def _main_rows(
     sent = get("transferred_bytes") or 0
     rows = [(name, str(get(name))) for name in ("mode", "tracker", "status") if get(name)]
     limit = "" if downtime_limit is None else f" (limit {format_seconds(downtime_limit)})"
+    if get("downtime_limit_exceeded"):
+        limit += " [bold red]OVER THE LIMIT[/]" if limit else " [bold red](over its downtime limit)[/]"
     return rows + [
         ("total time", format_seconds(get("total_time"))),
         ("setup time", format_seconds(get("setup_time"))),
@@ -133,6 +135,8 @@ def _main_rows(
         ("throughput", f"{get('mbps') or 0:.0f} Mbit/s"),
         ("dirty-page rate", f"{get('dirty_pages_rate') or 0:.0f} pages/s"),
         ("post-copy requests", str(get("postcopy_requests"))),
+        *([("recoveries", f"{get('recoveries')} (paused {format_seconds(get('paused_time') or 0)})")]
+          if get("recoveries") else []),
     ]
 
 

@@ -1,12 +1,23 @@
 """``migcore receive``: wait for one migration and write the region (and its state) out.
 
 A failed migration before the switchover leaves the listener waiting for
-the next source; after it, what arrived is kept as ``FILE.partial``.
+the next source. After a post-copy switch a lost link pauses the reception:
+the command keeps it (and its listener) alive for ``migcore send ...
+--recover ID`` and says so; only ``--abandon-after`` or Ctrl-C give the
+missing pages up, and then what arrived is kept as ``FILE.partial``.
+``--out FILE`` is checked before anything is accepted (its folder exists and
+is writable, and a region must fit in its free space), and is written
+atomically: a temporary file beside it, fsync, rename.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import shutil
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +43,10 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "--timeout", type=parse_duration, default=None, metavar="SECONDS", help="longest wait for a source"
     )
     recv.add_argument(
+        "--abandon-after", type=parse_duration, default=None, metavar="SECONDS",
+        help="give up a post-copy reception paused this long (its missing pages are written as zeros, to FILE.partial)",
+    )
+    recv.add_argument(
         "--insecure", action="store_true",
         help="accept unauthenticated sources on a non-loopback address (no --token or --tls-*)",
     )
@@ -40,12 +55,21 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
+    errors = Console(stderr=True)
+    max_bytes = args.max_bytes
+    if args.out:
+        room = _room_for(Path(args.out))
+        if isinstance(room, str):
+            errors.print(f"[red]migcore receive: {room}[/]")
+            return 2
+        # a region that cannot be written out is refused at the handshake, before a page moves
+        max_bytes = room if max_bytes is None else min(max_bytes, room)
     limits: dict[str, Any] = {} if args.max_state_bytes is None else {"max_state_bytes": args.max_state_bytes}
     limits.update(token=token(args), tls=tls_context(args, server=True), insecure=args.insecure)
     try:
-        listener = migcore.listen(args.address, max_bytes=args.max_bytes, compat=args.compat, **limits)
-    except ValueError as exc:
-        console.print(f"[red]migcore receive: {exc}[/]")
+        listener = migcore.listen(args.address, max_bytes=max_bytes, compat=args.compat, **limits)
+    except (ValueError, OSError) as exc:
+        errors.print(f"[red]migcore receive: {exc}[/]")
         return 2
     with listener:
         # the bound address goes to stdout first, so a script that passed port 0 can read it
@@ -53,16 +77,67 @@ def run(args: argparse.Namespace, console: Console) -> int:
         received = _receive_one(args, console, listener)
         if received is None:
             return 1
-        complete = True
-        try:
-            received.wait(timeout=args.timeout)  # post-copy: until every page arrived and verified
-        except migcore.MigrationError as exc:
-            complete = False
-            console.print(f"[red bold]post-copy failed after the switchover:[/] {exc}")
-    where = _write_out(args.out, received, complete)
+        complete = _wait(args, console, errors, received)
+    try:
+        where = _write_out(args.out, received, complete)
+    except OSError as exc:
+        errors.print(f"[red bold]could not write the received region:[/] {exc}")
+        return 1
     console.print(stats_table("received", received.stats))
     console.print(where)
     return 0 if complete else 1
+
+
+def _room_for(out: Path) -> int | str:
+    """The largest region ``out`` can take (its folder's free space, minus room for the state), or why none."""
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        return f"--out {out}: the folder {folder} does not exist"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"--out {out}: the folder {folder} is not writable"
+    if out.is_dir():
+        return f"--out {out} is a folder"
+    free = shutil.disk_usage(folder).free
+    room = free - (64 << 20)  # the state file and the file system's own needs
+    if room <= 0:
+        return f"--out {out}: only {format_size(free)} free in {folder}"
+    return room
+
+
+def _wait(args: argparse.Namespace, console: Console, errors: Console, received: migcore.Received) -> bool:
+    """Until every post-copy page arrived (True), or the program gave the missing ones up (False).
+
+    A paused reception waits for its source to recover; it is given up only
+    after ``--abandon-after`` seconds paused, or on Ctrl-C.
+    """
+    paused_since: float | None = None
+    try:
+        while True:
+            try:
+                received.wait(timeout=0.5)
+                return True
+            except migcore.MigrationTimeout:
+                pass
+            except migcore.MigrationError as exc:
+                errors.print(f"[red bold]post-copy failed after the switchover:[/] {exc}")
+                return False
+            if received.stats.status != "postcopy-paused":
+                paused_since = None
+                continue
+            if paused_since is None:
+                paused_since = time.monotonic()
+                console.print(
+                    f"[yellow]post-copy paused: the link to the source was lost with {received.missing_pages} pages "
+                    f"owed; waiting for it to recover (migcore send PATH ADDRESS --recover {received.migration_id})[/]"
+                )
+            if args.abandon_after is not None and time.monotonic() - paused_since >= args.abandon_after:
+                lost = received.abandon()
+                errors.print(f"[red bold]gave up after {args.abandon_after:g} s paused:[/] {lost} pages lost")
+                return False
+    except KeyboardInterrupt:
+        lost = received.abandon()
+        errors.print(f"[red bold]interrupted:[/] {lost} pages never arrived")
+        return False
 
 
 def _receive_one(args: argparse.Namespace, console: Console, listener: migcore.Listener) -> migcore.Received | None:
@@ -92,15 +167,32 @@ def _write_out(out_name: str | None, received: migcore.Received, complete: bool)
         digest = xxhash.xxh3_64_hexdigest(region.view)
         return f"received {format_size(region.nbytes)} (xxh3-64 {digest}), {len(state)} B of state"
     out = Path(out_name) if complete else Path(f"{out_name}.partial")
-    tmp = out.with_name(out.name + ".tmp")
-    with tmp.open("wb") as f:
-        f.write(region.view)
-    tmp.replace(out)
-    Path(f"{out}.state").write_bytes(state)
+    _write_atomically(Path(f"{out}.state"), state)
+    _write_atomically(out, region.view)
     where = f"wrote {format_size(region.nbytes)} to {out} and {len(state)} B of state to {out}.state"
     if not complete:
         where += f" ({received.missing_pages} pages never arrived: the image is INCOMPLETE)"
     return where
+
+
+def _write_atomically(path: Path, data: bytes | memoryview) -> None:
+    """A temporary file in the same folder, fsync, rename, fsync of the folder: all of ``data`` or nothing."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dirfd = os.open(path.parent if str(path.parent) else ".", os.O_RDONLY)
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)
 
 
 def _is_idle_timeout(exc: BaseException) -> bool:

@@ -50,6 +50,10 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     send.add_argument(
         "--state-file", default=None, metavar="F", help="send this file's bytes (read after the pause) as the state"
     )
+    send.add_argument(
+        "--recover", default=None, metavar="ID",
+        help="continue post-copy migration ID after a lost link (the destination's listener holds it paused)",
+    )
     add_migrate_options(send, default_tracker="hash")
     send.set_defaults(func=run)
 
@@ -164,12 +168,24 @@ def _migrate(
     )
     with _mapped(path) as mapping:
         region = migcore.Region(mapping, args.page_size)
-        console.print(f"sending {path} ({format_size(region.nbytes)}) to {args.address}, mode {args.mode}")
+        verb = f"recovering migration {args.recover}:" if args.recover else "sending"
+        console.print(f"{verb} {path} ({format_size(region.nbytes)}) to {args.address}, mode {args.mode}")
         try:
             with RoundProgress(console, enabled=not args.no_progress) as bar:
-                stats = migcore.migrate(region, args.address, progress=bar, **opts)
+                if args.recover:
+                    link = {k: opts[k] for k in ("timeout", "compat", "tls", "token", "postcopy_bandwidth_limit") if k in opts}
+                    stats = migcore.recover(region, args.address, args.recover, progress=bar, **link)
+                else:
+                    stats = migcore.migrate(region, args.address, progress=bar, **opts)
         except migcore.MigrationError as exc:
-            console.print(f"[red bold]migration failed:[/] {exc}")
+            errors = Console(stderr=True)
+            errors.print(f"[red bold]migration failed:[/] {exc}")
+            if isinstance(exc, migcore.PeerLostError) and exc.migration_id:
+                # the buffer is untouched: the same command with --recover continues it
+                errors.print(
+                    f"migration id {exc.migration_id}; continue it with: "
+                    f"migcore send {path} ADDRESS --recover {exc.migration_id} (same --token/--tls options)"
+                )
             if writer.pid is not None and writer.paused.is_set() and not writer.resumed.is_set():
                 logger.error(
                     "the migration failed after the switchover (or with the outcome in doubt): "
