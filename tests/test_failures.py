@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import migcore
+from migcore import _postcopy_wire as PW
 from migcore import _protocol as P
 
 from _live import GuardedAllocations, Receiver, random_region
@@ -275,7 +276,7 @@ def postcopy_switch(f: Forged, owed_pages: list[int]) -> None:
     for p in owed_pages:
         owed[0] |= np.uint64(1 << p)
     f.send(P.encode_header(P.Frame.STATE, length=1) + b"s")
-    f.send(P.encode_postcopy(b"\0" * 16, owed))
+    f.send(PW.encode_postcopy(b"\0" * 16, owed))
     header, _ = f.read_frame()
     assert header is not None and header.type is P.Frame.SWITCHED
 
@@ -308,7 +309,7 @@ def test_postcopy_switch_without_a_bitmap_owes_every_page() -> None:
         try:
             f.hello(mode="postcopy")
             f.send(P.encode_header(P.Frame.STATE, length=1) + b"s")
-            f.send(P.encode_postcopy(b"\0" * 16, None))
+            f.send(PW.encode_postcopy(b"\0" * 16, None))
             header, _ = f.read_frame()
             assert header is not None and header.type is P.Frame.SWITCHED
             rx.join()
@@ -324,7 +325,7 @@ def test_postcopy_switch_without_a_bitmap_owes_every_page() -> None:
     ("after_switch", "pattern"),
     [
         (P.encode_header(P.Frame.COMPLETE, length=16) + b"\0" * 16, "unexpected COMPLETE frame during post-copy"),
-        (P.encode_postcopy(b"\0" * 16, np.zeros(1, dtype=np.uint64)), "unexpected POSTCOPY"),
+        (PW.encode_postcopy(b"\0" * 16, np.zeros(1, dtype=np.uint64)), "unexpected POSTCOPY"),
         (pages_frame([(5, 1)], b"\x03" * 4096, flags=P.FLAG_POSTCOPY), "not owed"),
         (pages_frame([(2, 1)], b"\x03" * 4096, flags=P.FLAG_POSTCOPY), "not owed"),  # a second copy
         (pages_frame([(3, 1)], b"\x03" * 4096), "flags"),

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import migcore
+from migcore import _postcopy_wire as PW
 from migcore import _protocol as P
 from migcore import _userfault
 
@@ -40,7 +41,7 @@ def page_bytes(rng: np.random.Generator) -> dict[int, bytes]:
 def switch_owing_everything(f: Forged, digest: bytes) -> None:
     f.hello(mode="postcopy")
     f.send(P.encode_header(P.Frame.STATE, length=1) + b"s")
-    f.send(P.encode_postcopy(digest, P.all_owed(NPAGES)))
+    f.send(PW.encode_postcopy(digest, PW.all_owed(NPAGES)))
     header, _ = f.read_frame()
     assert header is not None and header.type is P.Frame.SWITCHED
 

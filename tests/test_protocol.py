@@ -7,6 +7,7 @@ import struct
 import numpy as np
 import pytest
 
+from migcore import _postcopy_wire as PW
 from migcore import _protocol as P
 from migcore._errors import CompatibilityError, ProtocolError
 
@@ -167,23 +168,23 @@ def test_runs_payload_counts_the_partial_last_page() -> None:
 
 def test_postcopy_frame() -> None:
     owed = np.array([0b1011, 1 << 3], dtype=np.uint64)
-    raw = P.encode_postcopy(b"d" * 16, owed)
+    raw = PW.encode_postcopy(b"d" * 16, owed)
     h = P.decode_header(raw[: P.HEADER_SIZE])
     assert h.count == 2 and h.length == 32
-    digest, back = P.decode_postcopy(raw[P.HEADER_SIZE :], 68)
+    digest, back = PW.decode_postcopy(raw[P.HEADER_SIZE :], 68)
     assert digest == b"d" * 16 and np.array_equal(back, owed)
     with pytest.raises(ProtocolError, match="past the end"):
-        P.decode_postcopy(raw[P.HEADER_SIZE :], 67)
+        PW.decode_postcopy(raw[P.HEADER_SIZE :], 67)
     with pytest.raises(ProtocolError, match="expected"):
-        P.decode_postcopy(raw[P.HEADER_SIZE :], 200)
+        PW.decode_postcopy(raw[P.HEADER_SIZE :], 200)
 
 
 @pytest.mark.parametrize("npages", [1, 63, 64, 65, 128, 1000])
 def test_postcopy_frame_owing_every_page_has_no_bitmap(npages: int) -> None:
-    raw = P.encode_postcopy(b"d" * 16, None)
+    raw = PW.encode_postcopy(b"d" * 16, None)
     h = P.decode_header(raw[: P.HEADER_SIZE])
     assert h.count == 0 and h.length == 16 and len(raw) == P.HEADER_SIZE + 16
-    digest, owed = P.decode_postcopy(raw[P.HEADER_SIZE :], npages)
+    digest, owed = PW.decode_postcopy(raw[P.HEADER_SIZE :], npages)
     assert digest == b"d" * 16
     bits = np.unpackbits(owed.view(np.uint8), bitorder="little")
     assert len(owed) == -(-npages // 64) and bits[:npages].all() and not bits[npages:].any()
@@ -192,12 +193,12 @@ def test_postcopy_frame_owing_every_page_has_no_bitmap(npages: int) -> None:
 def test_postcopy_decodes_into_a_given_bitmap() -> None:
     out = np.full(2, np.uint64(7))
     owed = np.array([0b1011, 1 << 3], dtype=np.uint64)
-    digest, back = P.decode_postcopy(P.encode_postcopy(b"d" * 16, owed)[P.HEADER_SIZE :], 68, out=out)
+    digest, back = PW.decode_postcopy(PW.encode_postcopy(b"d" * 16, owed)[P.HEADER_SIZE :], 68, out=out)
     assert back is out and np.array_equal(out, owed)
-    _, back = P.decode_postcopy(P.encode_postcopy(b"d" * 16, None)[P.HEADER_SIZE :], 68, out=out)
+    _, back = PW.decode_postcopy(PW.encode_postcopy(b"d" * 16, None)[P.HEADER_SIZE :], 68, out=out)
     assert back is out and out.tolist() == [2**64 - 1, 0b1111]
     with pytest.raises(ValueError, match="words"):
-        P.decode_postcopy(P.encode_postcopy(b"d" * 16, None)[P.HEADER_SIZE :], 200, out=out)
+        PW.decode_postcopy(PW.encode_postcopy(b"d" * 16, None)[P.HEADER_SIZE :], 200, out=out)
 
 
 def test_table_digest_changes_with_any_page() -> None:

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import migcore
+from migcore import _postcopy_wire as PW
 from migcore import _protocol as P
 from migcore import _source
 
@@ -256,7 +257,7 @@ def test_a_forged_received_bitmap_is_a_protocol_error(bitmap: np.ndarray, patter
     region = random_region(4 * 64 * 4096 - 30 * 4096, seed=9)  # 226 pages: 4 words, the last one partial
     before = bytes(region.view)
     accept = P.Accept(P.UNKNOWN_SIZE, P.DEFAULT_MAX_PAYLOAD, P.MAX_RUNS, P.SUPPORTED_FEATURES)
-    fake = ForgedDestination(P.encode_recovered(accept, bitmap))
+    fake = ForgedDestination(PW.encode_recovered(accept, bitmap))
     with pytest.raises(migcore.ProtocolError, match=pattern):
         migcore.recover(region, fake.address, "ab" * 16, timeout=TIMEOUT)
     fake.thread.join(5)

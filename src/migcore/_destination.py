@@ -18,6 +18,7 @@ from collections.abc import Callable
 import numpy as np
 
 from migcore import _codecs
+from migcore import _postcopy_wire as PW
 from migcore import _protocol as P
 from migcore._errors import CompatibilityError, MigrationCancelled, MigrationError, ProtocolError
 from migcore._handshake import DestinationOptions, check_hello
@@ -110,7 +111,7 @@ class Destination:
         if self.region.nbytes != hello.nbytes or self.region.page_size != hello.page_size:
             raise MigrationError("allocated region does not match the HELLO")
         # the owed bitmap of a post-copy switch, allocated and touched now rather than in the pause
-        self.owed = P.all_owed(self.region.npages) if hello.features & P.FEATURE_POSTCOPY else None
+        self.owed = PW.all_owed(self.region.npages) if hello.features & P.FEATURE_POSTCOPY else None
         return PageStore(
             self.region,
             zero_page_hashes(self.region),
@@ -255,7 +256,7 @@ class Destination:
             raise ProtocolError(f"POSTCOPY bitmap of {header.count} words, expected {words} (or none)")
         size = P.DIGEST_SIZE + 8 * header.count
         body = self.read_body(header, size, "reading POSTCOPY", exact=size)
-        digest, owed = P.decode_postcopy(body, npages, out=self.owed)
+        digest, owed = PW.decode_postcopy(body, npages, out=self.owed)
         self.join_streams(rnd)
         # a source in this process would stall behind a thread that faults holding the GIL: no userfaultfd then
         receiver = start_postcopy(store, owed, self.conn, digest, transparent=not _local.is_source(hello.migration_id))

@@ -18,6 +18,7 @@ from abc import ABC, abstractmethod
 import numpy as np
 
 from migcore import _kernels
+from migcore import _postcopy_wire as PW
 from migcore import _protocol as P
 from migcore._errors import CompatibilityError, MigrationError, MigrationTimeout, ProtocolError, VerificationError
 from migcore._page_store import PageStore, end_digest
@@ -109,7 +110,7 @@ class PostcopyReceiver(ABC):
             try:
                 if self.generation:
                     accept = P.Accept(P.UNKNOWN_SIZE, self.store.max_payload, P.MAX_RUNS, P.SUPPORTED_FEATURES)
-                    self.conn.send_all(P.encode_recovered(accept, self.owed_snapshot()), "sending RECOVERED")
+                    self.conn.send_all(PW.encode_recovered(accept, self.owed_snapshot()), "sending RECOVERED")
                     with self.cond:  # only now may DEMAND frames go on the new link
                         if self.state == "recovering":
                             self.state = "active"

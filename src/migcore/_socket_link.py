@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from migcore import _postcopy_wire as PW
 from migcore import _protocol as P
 from migcore._bandwidth import TokenBucket
 from migcore._batch import BatchEncoder
@@ -124,7 +125,7 @@ class SocketLink(SourceLink):
     def recover(self, hello: P.Hello) -> U64:
         if self.token is not None:
             authenticate_source(self.conn, self.token)
-        self.send_frame(P.encode_recover(hello), "sending RECOVER")
+        self.send_frame(PW.encode_recover(hello), "sending RECOVER")
         header = self.read_header("waiting for RECOVERED")
         if header.type is P.Frame.REFUSE:
             raise P.decode_refuse(self.read_body(header, P.MAX_CONTROL_BODY, "reading REFUSE"))
@@ -133,7 +134,7 @@ class SocketLink(SourceLink):
         P.expect(header, (P.Frame.RECOVERED,), "the recovery")
         words = (self.region.npages + 63) // 64
         body = self.read_body(header, 64 + 8 * words, "reading RECOVERED")
-        self.accept, owed = P.decode_recovered(header, body, self.region.npages)
+        self.accept, owed = PW.decode_recovered(header, body, self.region.npages)
         return owed
 
     def batch_cap(self, *, postcopy: bool = False) -> int:
@@ -230,7 +231,7 @@ class SocketLink(SourceLink):
         self.expect_reply((P.Frame.DONE,), "waiting for the destination to commit")
 
     def switch(self, digest: bytes, owed: U64 | None) -> None:
-        self.send_frame(P.encode_postcopy(digest, owed), "sending POSTCOPY")
+        self.send_frame(PW.encode_postcopy(digest, owed), "sending POSTCOPY")
 
     def confirm_switch(self) -> None:
         self.expect_reply((P.Frame.SWITCHED,), "waiting for the destination to switch to post-copy")

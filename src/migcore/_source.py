@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from migcore import _kernels, _local, _residency
+from migcore import _kernels, _local, _passes, _residency
 from migcore import _protocol as P
 from migcore._convergence import Action, Convergence
 from migcore._delta import DEFAULT_CACHE_BYTES
@@ -41,7 +41,6 @@ from migcore._trackers import (
     make_tracker,
     runs_to_pages,
     zero_page_hashes,
-    zero_pages_parallel,
 )
 
 log = logging.getLogger("migcore")
@@ -55,13 +54,6 @@ BATCH_RUNS = 256
 #: source's whole table at the pause, so a recovery can tell that the buffer is still the same.
 _RECOVERABLE: dict[bytes, bytes] = {}
 _RECOVERABLE_LOCK = threading.Lock()
-
-
-def frozen_digest(region: Region) -> bytes:
-    """The digest of every page's hash as the region is now (frozen since the pause)."""
-    table = np.empty(region.npages, dtype=np.uint64)
-    _kernels.hash_runs(region.view, region.page_size, np.array([[0, region.npages]], dtype=np.uint64), table)
-    return P.table_digest(table)
 
 
 #: Builds the migration's link once the engine has its statistics and its progress callback.
@@ -334,47 +326,6 @@ class Source:
             )
         return data
 
-    def final_pass(self, baseline: U64) -> tuple[U64, U64, int]:
-        """During the pause: dirty pages vs the acknowledged baseline, and the full current hash table."""
-        table = baseline.copy()
-        dirty = new_bitmap(self.region.npages)
-        count = hash_delta_parallel(self.region, table, dirty, self.opts.threads, update=True)
-        self.stats.synced(count, count * self.region.page_size)
-        return dirty, table, count
-
-    def nonzero_pass(self) -> tuple[U64, U64, int]:
-        """During the pause, with nothing sent yet: the non-zero pages (what a fresh destination lacks).
-
-        No hashing here: a zero scan reads one cache line of a non-zero page.
-        The returned table holds zero-page hashes; the pages are hashed into it
-        just before they are sent (the region is frozen from the pause on), so
-        the pause does not grow with a full-region hash pass.
-        """
-        region = self.region
-        zeros = new_bitmap(region.npages)
-        nzero = zero_pages_parallel(region, zeros, self.opts.threads)
-        dirty = np.invert(zeros)
-        tail = region.npages & 63
-        if tail:
-            dirty[-1] &= np.uint64((1 << tail) - 1)
-        count = region.npages - nzero
-        self.stats.synced(count, count * region.page_size)
-        return dirty, zero_page_hashes(region), count
-
-    def all_pages(self) -> tuple[U64, int]:
-        """Just before the pause of a pure post-copy: every page is owed, nothing is read.
-
-        The zero pages among them are found batch by batch during the push
-        and announced with zero notices; the hash table (zero-page hashes,
-        built after the switch) takes each pushed page's hash as it goes out,
-        and END carries its digest.
-        """
-        region = self.region
-        owed = new_bitmap(region.npages)
-        _kernels.set_bits(owed, 0, region.npages)
-        self.stats.synced(region.npages, region.nbytes)
-        return owed, region.npages
-
     # -- the switchover --------------------------------------------------------
 
     def switch(self, baseline: U64, *, postcopy: bool, first: bool) -> None:
@@ -387,13 +338,13 @@ class Source:
             # pure post-copy: owe every page, find the zero ones lazily as the push reaches them; the
             # owed list is known before the pause and goes as "every page" (no bitmap), so nothing in
             # the pause grows with the region
-            dirty, count = self.all_pages()
+            dirty, count = _passes.all_pages(self.region, self.stats)
         self.do_pause()
         if first and not deferred:
-            dirty, lazy, count = self.nonzero_pass()
+            dirty, lazy, count = _passes.nonzero_pass(self.region, self.stats, self.opts.threads)
             self.stats.update(zero_pages=self.region.npages - count)
         elif not first:
-            dirty, table, count = self.final_pass(baseline)
+            dirty, table, count = _passes.final_pass(self.region, self.stats, baseline, self.opts.threads)
         runs = np.empty((0, 2), dtype=np.uint64) if postcopy else self.send_bitmap(
             dirty, phase="stop-and-copy", hash_into=lazy
         )
@@ -493,7 +444,7 @@ class Source:
             push.run(count)
         except (PeerLostError, MigrationTimeout) as exc:
             with _RECOVERABLE_LOCK:
-                _RECOVERABLE[self.mid] = frozen_digest(self.region)
+                _RECOVERABLE[self.mid] = _passes.frozen_digest(self.region)
             if isinstance(exc, MigrationTimeout):
                 raise
             # the destination confirms post-copy pages only all at once (DONE): every page owed at
@@ -513,7 +464,7 @@ class Source:
         """Continue a post-copy migration whose link was lost: resend what the destination still lacks."""
         _local.add_source(self.mid)
         try:
-            digest = frozen_digest(self.region)
+            digest = _passes.frozen_digest(self.region)
             with _RECOVERABLE_LOCK:
                 known = _RECOVERABLE.get(self.mid)
             if known is not None and known != digest:
