@@ -435,3 +435,41 @@ def test_cut_after_the_postcopy_switch_keeps_both_sides() -> None:
     assert bytes(region.view) == before  # the source keeps its buffer for a recovery
     lost = rx.received.missing_pages
     assert rx.received.abandon() == lost and rx.received.stats.status == "failed"
+
+
+# -- hostile frames that once got through ---------------------------------------------------------
+
+
+def test_a_compressed_batch_that_decodes_past_the_frame_limit_is_refused() -> None:
+    """A small zstd frame whose runs claim more page bytes than one frame may carry (a decompression bomb)."""
+    from migcore import _codecs
+
+    with migcore.listen("tcp://127.0.0.1:0", timeout=TIMEOUT, max_payload=16384) as listener:
+        rx = Receiver(listener, timeout=TIMEOUT)
+        f = Forged(listener.address)
+        try:
+            hello = P.Hello(P.PROTOCOL_VERSION, 4096, NBYTES, "stopcopy", "hash", P.FEATURE_COMPRESS, None,
+                            b"\x02" * 16, P.UNKNOWN_SIZE, 1, "zstd")
+            f.send(P.encode_hello(hello))
+            header, _ = f.read_frame()
+            assert header is not None and header.type is P.Frame.ACCEPT
+            packed = _codecs.pack(_codecs.get_codec("zstd"), memoryview(bytes(8 * 4096)))
+            assert packed is not None and len(packed) < 16384
+            f.send(pages_frame([(0, 8)], packed, flags=P.FLAG_COMPRESSED))
+            rx.join()
+            assert isinstance(rx.error, migcore.ProtocolError) and "exceeds the agreed 16384" in str(rx.error)
+            expect_error_frame(f, P.ErrorCode.PROTOCOL)
+        finally:
+            f.close()
+        good_migration(listener)
+
+
+def test_a_page_larger_than_any_frame_is_refused_in_the_handshake() -> None:
+    with migcore.listen("tcp://127.0.0.1:0", timeout=TIMEOUT, max_payload=64 << 10) as listener:
+        rx = Receiver(listener, timeout=TIMEOUT)
+        region = migcore.Region.allocate(1 << 20, page_size=128 << 10)
+        with pytest.raises(migcore.CompatibilityError, match="page_size"):
+            migcore.migrate(region, listener.address, mode="postcopy", timeout=TIMEOUT)
+        rx.join()
+        assert isinstance(rx.error, migcore.CompatibilityError)
+        good_migration(listener)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import migcore
+from migcore import _protocol as P
 from migcore import _streams
 
 from _modes import MIB, migrate_live
@@ -77,3 +78,30 @@ def test_streams_refused_where_they_make_no_sense() -> None:
     for bad in (0, 65, 1.5, True):
         with pytest.raises(ValueError, match="streams must be"):
             migcore.migrate(bytearray(4096), "tcp://127.0.0.1:9", streams=bad)  # type: ignore[arg-type]
+
+
+def test_a_stream_that_ends_before_its_round_marker_fails_in_time() -> None:
+    """Stream 1 sends END at once: the destination must not wait for its round marker forever."""
+    region = migcore.Region(bytearray(np.random.default_rng(1).bytes(4 * MIB)))
+    real = _streams.StreamSenders._run
+
+    def early_end(self: _streams.StreamSenders, i: int) -> None:
+        if i == 1:
+            self.conns[i].send_all(P.encode_header(P.Frame.END), "ending a stream early")
+            self.stop.wait(10)
+            return
+        real(self, i)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(_streams.StreamSenders, "_run", early_end)
+    try:
+        with migcore.listen("tcp://127.0.0.1:0", timeout=5) as listener:
+            from _live import Receiver
+
+            rx = Receiver(listener, timeout=2)
+            with pytest.raises(migcore.MigrationError):
+                migcore.migrate(region, listener.address, timeout=5, streams=2)
+            rx.join(10)
+    finally:
+        mp.undo()
+    assert isinstance(rx.error, migcore.ProtocolError) and "ended before" in str(rx.error), repr(rx.error)

@@ -53,6 +53,8 @@ def check_hello(hello: P.Hello, o: DestinationOptions, *, extra_streams: bool) -
         check_page_size(hello.page_size)
     except ValueError as exc:
         return "page_size", str(exc)
+    if hello.page_size > o.max_payload:
+        return "page_size", f"a page of {hello.page_size} bytes does not fit in one frame (max_payload={o.max_payload})"
     if o.page_size is not None and hello.page_size != o.page_size:
         return "page_size", f"page size {hello.page_size} differs from this side's {o.page_size}"
     if o.compat != hello.compat:

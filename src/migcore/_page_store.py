@@ -79,6 +79,8 @@ class PageStore:
                 check_owed(runs)
             self._receive_zero(runs, pages)
             return runs
+        if payload > self.max_payload:  # what a batch decodes to is bounded by the frame limit, not the region
+            raise ProtocolError(f"PAGES frame of {payload} page bytes exceeds the agreed {self.max_payload}")
         if payload != header.length and not encoded:
             raise ProtocolError(
                 f"PAGES header announces {header.length} payload bytes but its {pages} pages hold {payload}"

@@ -274,20 +274,31 @@ class StreamReceivers:
                 self.cond.notify_all()
             self.wake()  # the main thread may be waiting on its own connection
 
-    def _wait(self, ready: Callable[[], bool]) -> None:
+    def _wait(self, ready: Callable[[], bool], what: str) -> None:
+        """Until ``ready()``, a stream's failure, or the connections' timeout (no wait here is unbounded)."""
+        timeout = self.conns[0].timeout if self.conns else None
         with self.cond:
-            self.cond.wait_for(lambda: self.error is not None or ready())
+            done = self.cond.wait_for(lambda: self.error is not None or ready(), timeout)
             if self.error is not None:
                 raise self.error
+            if not done:
+                raise MigrationTimeout(f"the page streams sent nothing for {timeout:g} s while {what}")
 
     def wait_round(self, rnd: int) -> list[U64]:
         """Block until every stream ended round ``rnd``; return the runs they stored in it."""
-        self._wait(lambda: all(m > rnd for m in self.marks))
+
+        def ready() -> bool:
+            for i, mark in enumerate(self.marks):
+                if mark <= rnd and self.ended[i]:
+                    raise ProtocolError(f"page stream {i} ended before its marker of round {rnd}")
+            return all(m > rnd for m in self.marks)
+
+        self._wait(ready, f"waiting for the end of round {rnd}")
         with self.cond:
             return self.rounds.pop(rnd, [])
 
     def wait_end(self) -> None:
-        self._wait(lambda: all(self.ended))
+        self._wait(lambda: all(self.ended), "waiting for the streams to end")
 
     def close(self) -> None:
         """Close the streams and join their threads."""
