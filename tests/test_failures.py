@@ -473,3 +473,35 @@ def test_a_page_larger_than_any_frame_is_refused_in_the_handshake() -> None:
         rx.join()
         assert isinstance(rx.error, migcore.CompatibilityError)
         good_migration(listener)
+
+
+def test_broken_receptions_free_their_tables_without_a_garbage_collection() -> None:
+    """Four HELLOs for 256 MiB of 512-byte pages, then silence: each reception's 4 MiB of tables go at once."""
+    import gc
+    import threading
+    import tracemalloc
+
+    gc.collect()
+    gc.disable()
+    tracemalloc.start()
+    try:
+        with migcore.listen("tcp://127.0.0.1:0", timeout=TIMEOUT) as listener:
+            base = tracemalloc.get_traced_memory()[0]
+            for i in range(4):
+                rx = Receiver(listener, timeout=TIMEOUT)
+                f = Forged(listener.address)
+                h = P.Hello(P.PROTOCOL_VERSION, 512, 256 << 20, "precopy", "hash", 0, None, bytes([i + 1]) * 16,
+                            P.UNKNOWN_SIZE)
+                f.send(P.encode_hello(h))
+                header, _ = f.read_frame()
+                assert header is not None and header.type is P.Frame.ACCEPT
+                f.close()
+                rx.join()
+                assert isinstance(rx.error, migcore.PeerLostError)
+                del rx
+            held = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+        gc.enable()
+    assert held < 2 << 20, f"{held} bytes still held after four broken receptions"
+    assert threading.active_count() < 50

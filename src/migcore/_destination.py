@@ -13,6 +13,7 @@ happens after.
 from __future__ import annotations
 
 import logging
+import traceback
 from collections.abc import Callable
 
 import numpy as np
@@ -140,19 +141,23 @@ class Destination:
         """Serve one migration until the commit (or the post-copy switch); discard on any failure."""
         try:
             hello = self.handshake()
-            self.store = store = self.prepare(hello)
+            self.store = self.prepare(hello)
             # only now: a source that pauses at once (stop-and-copy, post-copy) must not wait on the region
-            self.accept(hello, store)
+            self.accept(hello, self.store)
             if self.streams is not None:
                 self.streams.start()  # only now: their pages need the region
             self.stats.activate()
             log.debug("destination: accepted migration %s of %d bytes (%s)", self.stats.migration_id, hello.nbytes, hello.mode)
-            return self.receive(hello, store)
+            return self.receive(hello, self.store)
         except BaseException as exc:
             # a stream thread's failure is the real cause of the main connection closing under us
             err = self.streams.cause(exc) if self.streams is not None else exc
             self.streams = None
             self.fail(err)
+            # the exception's traceback holds the frames that hold the tables: free them now, not at a
+            # garbage collection (a broken reception must not keep its per-page tables alive)
+            self.store = self.owed = None
+            traceback.clear_frames(exc.__traceback__)
             if err is exc:
                 raise
             raise err from exc
