@@ -150,3 +150,16 @@ def test_shared_storage_refuses_what_it_cannot_do(tmp_path: Path) -> None:
 def test_bandwidth_limit_applies_to_shared_storage(tmp_path: Path) -> None:
     stats, _ = migrate_live(address=f"file://{tmp_path}/image", bandwidth_limit=16 * MIB, nbytes=2 * MIB)
     assert stats.bandwidth_wait > 0
+
+
+def test_a_fifo_in_place_of_the_files_is_refused_without_blocking(tmp_path: Path) -> None:
+    """A FIFO would block open() past any timeout: both ends refuse it at once, with a typed error."""
+    image = tmp_path / "image"
+    os.mkfifo(image)
+    with pytest.raises(migcore.ProtocolError, match="not a regular file"):
+        migcore.migrate(random_region(64 * 1024, seed=1), f"file://{image}", mode="stopcopy", timeout=2)
+    other = tmp_path / "other"
+    os.mkfifo(str(other) + ".manifest")
+    with migcore.listen(f"file://{other}", timeout=2) as listener:
+        with pytest.raises(migcore.ProtocolError, match="not a regular file"):
+            listener.receive()  # before: open() waited for a writer that never comes

@@ -46,7 +46,7 @@ def receive_file(path: str, opts: DestinationOptions, timeout: float | None) -> 
             mode=hello.mode, tracker=hello.tracker, migration_id=hello.migration_id.hex(),
             page_size=hello.page_size, total_bytes=hello.nbytes,
         )
-        fd = os.open(path, os.O_RDONLY)
+        fd = _storage.open_regular(path, os.O_RDONLY)
         region = _destination._allocate_region(hello.nbytes, hello.page_size)
         expected = zero_page_hashes(region)
         table = expected.copy()

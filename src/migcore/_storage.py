@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import stat
 import struct
 import time
 from collections.abc import Callable
@@ -62,6 +63,25 @@ def manifest_path(path: str) -> str:
 def encode_record(rtype: int, number: int, body: bytes) -> bytes:
     head = _REC.pack(_REC_MAGIC, rtype, 0, 0, number, len(body)) + body
     return head + _CHECK.pack(xxhash.xxh3_64_intdigest(head))
+
+
+def open_regular(path: str, flags: int, mode: int = 0o600) -> int:
+    """``os.open`` that never blocks on a FIFO or a device and accepts only a regular file.
+
+    Opened with ``O_NONBLOCK`` (a FIFO would otherwise block ``open`` past any
+    timeout), then checked with ``fstat``; the flag is cleared again, it means
+    nothing for a regular file.
+    """
+    fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ProtocolError(f"{path} is not a regular file (shared storage needs one)")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -104,10 +124,11 @@ class FileLink(SourceLink):
             os.unlink(manifest_path(self.path))  # a reader must never pair old records with new pages
         except FileNotFoundError:
             pass
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.fd = open_regular(self.path, os.O_RDWR | os.O_CREAT)
+        os.ftruncate(self.fd, 0)  # truncated only once it is known to be a regular file
         os.ftruncate(self.fd, self.region.nbytes)  # holes read as zeros: zero pages are never written
         self.mapping = mmap.mmap(self.fd, self.region.nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-        self.mfd = os.open(manifest_path(self.path), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        self.mfd = open_regular(manifest_path(self.path), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND)
         self.append(REC_HEADER, 0, P.encode_hello(hello)[P.HEADER_SIZE :])
         return P.Accept(max_state=P.UNKNOWN_SIZE, max_payload=BATCH_BYTES, max_runs=P.MAX_RUNS, features=0)
 
@@ -201,7 +222,7 @@ class ManifestReader:
         since = time.monotonic()
         while True:
             try:
-                self.fd = os.open(self.path, os.O_RDONLY)
+                self.fd = open_regular(self.path, os.O_RDONLY)
                 return
             except FileNotFoundError:
                 self._wait("waiting for a source to start", since)
