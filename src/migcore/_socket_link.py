@@ -96,16 +96,25 @@ class SocketLink(SourceLink):
 
     # -- the handshake ---------------------------------------------------------
 
-    def open(self, hello: P.Hello) -> P.Accept:
+    def ask(self, frame: bytes, answer: P.Frame, what: str) -> P.Header:
+        """Authenticate (before anything else, inside TLS if any), send the opening ``frame``, read the answer.
+
+        REFUSE and ERROR become the matching exceptions; any other frame than
+        ``answer`` is a protocol error.
+        """
         if self.token is not None:
-            authenticate_source(self.conn, self.token)  # before anything else, inside TLS if any
-        self.send_frame(P.encode_hello(hello), "sending HELLO")
-        header = self.read_header("waiting for ACCEPT")
+            authenticate_source(self.conn, self.token)
+        self.send_frame(frame, f"sending {what}")
+        header = self.read_header(f"waiting for {answer.name}")
         if header.type is P.Frame.REFUSE:
             raise P.decode_refuse(self.read_body(header, P.MAX_CONTROL_BODY, "reading REFUSE"))
         if header.type is P.Frame.ERROR:
             raise self.peer_error(header)
-        P.expect(header, (P.Frame.ACCEPT,), "the handshake")
+        P.expect(header, (answer,), f"the answer to {what}")
+        return header
+
+    def open(self, hello: P.Hello) -> P.Accept:
+        header = self.ask(P.encode_hello(hello), P.Frame.ACCEPT, "HELLO")
         accept = P.decode_accept(self.read_body(header, P.MAX_CONTROL_BODY, "reading ACCEPT"))
         if accept.features & hello.features != hello.features:
             raise ProtocolError("the destination accepted without the features this migration needs")
@@ -123,17 +132,9 @@ class SocketLink(SourceLink):
         return accept
 
     def recover(self, hello: P.Hello) -> U64:
-        if self.token is not None:
-            authenticate_source(self.conn, self.token)
-        self.send_frame(PW.encode_recover(hello), "sending RECOVER")
-        header = self.read_header("waiting for RECOVERED")
-        if header.type is P.Frame.REFUSE:
-            raise P.decode_refuse(self.read_body(header, P.MAX_CONTROL_BODY, "reading REFUSE"))
-        if header.type is P.Frame.ERROR:
-            raise self.peer_error(header)
-        P.expect(header, (P.Frame.RECOVERED,), "the recovery")
+        header = self.ask(PW.encode_recover(hello), P.Frame.RECOVERED, "RECOVER")
         words = (self.region.npages + 63) // 64
-        body = self.read_body(header, 64 + 8 * words, "reading RECOVERED")
+        body = self.read_body(header, P.ACCEPT_SIZE + 8 * words, "reading RECOVERED")
         self.accept, owed = PW.decode_recovered(header, body, self.region.npages)
         return owed
 
