@@ -205,6 +205,71 @@ def _await_destination(dest: DestinationProcess, *, failed: bool) -> dict[str, A
     return dest.result()
 
 
+def _scenario_fields(scenario: Scenario, rate: float, bandwidth: float, options: dict[str, Any]) -> dict[str, Any]:
+    """What a result row says about the run it describes, before it runs."""
+    return {
+        "scenario": scenario.name,
+        "size": scenario.size,
+        "fill": scenario.fill,
+        "mode": scenario.mode,
+        "pattern": scenario.pattern,
+        "rate_fraction": scenario.rate.fraction if scenario.rate.absolute is None else rate / bandwidth,
+        "target_rate": rate,
+        "options": options,
+        "tags": list(scenario.tags),
+        "bare_bandwidth": bandwidth,
+        "started_at": time.time(),
+    }
+
+
+def _paired_baseline(dest: DestinationProcess, size: int) -> float:
+    """A bare send of ``size`` bytes from a region of its own (freed before the migration starts)."""
+    other = Region.allocate(size)
+    try:
+        other.array().fill(0xA5)  # backed by memory, like the data sent by the baselines
+        return float(_plain_send(dest, "bare", other)["throughput"])
+    finally:
+        release(other)
+
+
+def _stats_fields(stats: migcore.MigrationStats | None, size: int, paired_bare: float | None) -> dict[str, Any]:
+    """The source's figures of one run (NaN or zero where the migration failed)."""
+    nan = float("nan")
+    return {
+        "engine_verified": bool(stats and stats.verified),
+        "total_time": stats.total_time if stats else nan,
+        "downtime": stats.downtime if stats else nan,
+        "setup_time": stats.setup_time if stats else nan,
+        "rounds": stats.rounds if stats else 0,
+        "transferred_bytes": stats.transferred_bytes if stats else 0,
+        "wire_ratio": stats.transferred_bytes / size if stats else nan,
+        "normal_pages": stats.normal_pages if stats else 0,
+        "zero_pages": stats.zero_pages if stats else 0,
+        "postcopy_pages": stats.postcopy_pages if stats else 0,
+        "postcopy_requests": stats.postcopy_requests if stats else 0,
+        "pages_per_round": list(stats.pages_per_round) if stats else [],
+        "throughput": size / stats.total_time if stats else nan,
+        "paired_ratio": size / stats.total_time / paired_bare if stats and paired_bare else nan,
+    }
+
+
+def _destination_fields(answer: dict[str, Any]) -> dict[str, Any]:
+    """The destination process's figures of one run: CPU, memory, completion, post-copy fault latencies."""
+    faults = sorted(answer.get("faults", []))
+    return {
+        "dst_cpu": answer.get("cpu", float("nan")),
+        "dst_peak_rss": answer.get("peak_rss", 0),
+        "dst_base_rss": answer.get("base_rss", 0),
+        "dst_overhead_rss": answer.get("peak_rss", 0) - answer.get("base_rss", 0),
+        "dst_complete_time": answer.get("complete_time", float("nan")),
+        "faults": len(faults),
+        "fault_hits": answer.get("fault_hits", 0),
+        "fault_p50": float(np.percentile(faults, 50)) if faults else float("nan"),
+        "fault_p99": float(np.percentile(faults, 99)) if faults else float("nan"),
+        "fault_latencies": faults,
+    }
+
+
 def run_scenario(
     dest: DestinationProcess,
     scenario: Scenario,
@@ -223,26 +288,9 @@ def run_scenario(
     """
     rate = scenario.rate.resolve(bandwidth)
     options = {k: option_value(k, bandwidth) if v == "auto" else v for k, v in scenario.options}
-    row: dict[str, Any] = {
-        "scenario": scenario.name,
-        "size": scenario.size,
-        "fill": scenario.fill,
-        "mode": scenario.mode,
-        "pattern": scenario.pattern,
-        "rate_fraction": scenario.rate.fraction if scenario.rate.absolute is None else rate / bandwidth,
-        "target_rate": rate,
-        "options": options,
-        "tags": list(scenario.tags),
-        "bare_bandwidth": bandwidth,
-        "started_at": time.time(),
-    }
+    row = _scenario_fields(scenario, rate, bandwidth, options)
     if paired:
-        other = Region.allocate(scenario.size)
-        try:
-            other.array().fill(0xA5)  # backed by memory, like the data sent by the baselines
-            row["paired_bare_throughput"] = _plain_send(dest, "bare", other)["throughput"]
-        finally:
-            release(other)
+        row["paired_bare_throughput"] = _paired_baseline(dest, scenario.size)
     region = prepare_region(scenario.size, scenario.fill, seed)
     try:
         _resources.reset_peak()
@@ -287,51 +335,23 @@ def run_scenario(
         and np.array_equal(src_table, answer["hashes"])
         and answer["state_hash"] == xxhash.xxh3_64_intdigest(STATE)
     )
-    faults = sorted(answer.get("faults", []))
+    row.update(status=stats.status if stats is not None else "failed", error=error, verified=verified)
+    row.update(_stats_fields(stats, scenario.size, row.get("paired_bare_throughput")))
     row.update(
         {
-            "status": stats.status if stats is not None else "failed",
-            "error": error,
-            "verified": verified,
-            "engine_verified": bool(stats and stats.verified),
-            "total_time": stats.total_time if stats else float("nan"),
-            "downtime": stats.downtime if stats else float("nan"),
-            "setup_time": stats.setup_time if stats else float("nan"),
-            "rounds": stats.rounds if stats else 0,
-            "transferred_bytes": stats.transferred_bytes if stats else 0,
-            "wire_ratio": stats.transferred_bytes / scenario.size if stats else float("nan"),
-            "normal_pages": stats.normal_pages if stats else 0,
-            "zero_pages": stats.zero_pages if stats else 0,
-            "postcopy_pages": stats.postcopy_pages if stats else 0,
-            "postcopy_requests": stats.postcopy_requests if stats else 0,
-            "pages_per_round": list(stats.pages_per_round) if stats else [],
             "nonzero_pages": nonzero,
             "npages": -(-scenario.size // 4096),
-            "throughput": scenario.size / stats.total_time if stats else float("nan"),
-            "paired_ratio": (
-                scenario.size / stats.total_time / row["paired_bare_throughput"]
-                if stats and "paired_bare_throughput" in row else float("nan")
-            ),
             "dirty_rate": achieved,
             "dirty_fraction": achieved / bandwidth if bandwidth else float("nan"),
             "src_cpu": cpu,
             "workload_cpu": wl_cpu,
             "src_migration_cpu": max(0.0, cpu - wl_cpu),
-            "dst_cpu": answer.get("cpu", float("nan")),
             "src_peak_rss": peak,
             "src_base_rss": base,
             "src_overhead_rss": peak - base,
-            "dst_peak_rss": answer.get("peak_rss", 0),
-            "dst_base_rss": answer.get("base_rss", 0),
-            "dst_overhead_rss": answer.get("peak_rss", 0) - answer.get("base_rss", 0),
-            "dst_complete_time": answer.get("complete_time", float("nan")),
-            "faults": len(faults),
-            "fault_hits": answer.get("fault_hits", 0),
-            "fault_p50": float(np.percentile(faults, 50)) if faults else float("nan"),
-            "fault_p99": float(np.percentile(faults, 99)) if faults else float("nan"),
-            "fault_latencies": faults,
         }
     )
+    row.update(_destination_fields(answer))
     log.info(
         "%s: total %.3f s, downtime %.4f s, %d rounds, wire %.2fx, verified %s",
         scenario.name, row["total_time"], row["downtime"], row["rounds"], row["wire_ratio"], verified,
