@@ -505,3 +505,40 @@ def test_broken_receptions_free_their_tables_without_a_garbage_collection() -> N
         gc.enable()
     assert held < 2 << 20, f"{held} bytes still held after four broken receptions"
     assert threading.active_count() < 50
+
+
+def test_idle_and_dripping_connections_do_not_hold_up_a_real_source() -> None:
+    """Thirteen idle connections and one that drips a byte at a time, then a real source: it is served."""
+    import threading
+
+    with migcore.listen("tcp://127.0.0.1:0") as listener:  # the default: no timeout of its own
+        port = int(listener.address.rsplit(":", 1)[1])
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(13)]
+        drip = socket.create_connection(("127.0.0.1", port))
+        stop = threading.Event()
+
+        def dripping() -> None:
+            hello = P.encode_hello(P.Hello(P.PROTOCOL_VERSION, 4096, NBYTES, "precopy", "hash", 0, None,
+                                           b"\x03" * 16, P.UNKNOWN_SIZE))
+            for b in hello:
+                if stop.wait(0.3):
+                    return
+                try:
+                    drip.send(bytes([b]))
+                except OSError:
+                    return
+
+        t = threading.Thread(target=dripping, daemon=True)
+        t.start()
+        try:
+            region = random_region(1 << 20, seed=5)
+            rx = Receiver(listener, timeout=20)
+            migcore.migrate(region, listener.address, mode="stopcopy", timeout=10)
+            rx.join()
+            assert rx.error is None and rx.received is not None
+            assert bytes(rx.received.region.view) == bytes(region.view)
+        finally:
+            stop.set()
+            for s in (*idle, drip):
+                s.close()
+            t.join(5)

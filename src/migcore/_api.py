@@ -341,7 +341,9 @@ class Listener:
         )
         self._path = addr.path if addr.scheme == "file" else None
         self._server = Server(address) if self._path is None else None
-        self._intake = Intake(self._server, self._tls, self._opts.token) if self._server is not None else None
+        self._intake = (
+            Intake(self._server, self._tls, self._opts.token, self.timeout) if self._server is not None else None
+        )
         #: post-copy receptions handed out that a recovering source may continue
         self._receptions: dict[bytes, PostcopyReceiver] = {}
         self._lock = threading.Lock()
@@ -353,7 +355,7 @@ class Listener:
             return f"file://{self._path}"
         return self._server.address
 
-    def _next(self, timeout: float | None) -> tuple[Connection, P.Header]:
+    def _next(self, timeout: float | None) -> tuple[Connection, P.Header, bytes]:
         assert self._intake is not None
         return self._intake.next(timeout)
 
@@ -371,8 +373,8 @@ class Listener:
         timeout = check_timeout("timeout", timeout) if timeout is not None else self.timeout
         if self._path is not None:
             return receive_file(self._path, self._opts, timeout)
-        conn, first = self._next(timeout)
-        received = Destination(conn, self._opts, first, lambda: self._next(timeout)).run()
+        conn, header, body = self._next(timeout)
+        received = Destination(conn, self._opts, (header, body), lambda: self._next(timeout)).run()
         if received._postcopy is not None:
             self._keep(received._postcopy)
         return received
@@ -391,8 +393,8 @@ class Listener:
             receiver = self._receptions.get(migration_id)
         return None if receiver is None or receiver.done else receiver
 
-    def _recover(self, conn: Connection, header: P.Header) -> None:
-        recover_reception(conn, header, self._find, self._opts)
+    def _recover(self, conn: Connection, header: P.Header, body: bytes) -> None:
+        recover_reception(conn, header, body, self._find, self._opts)
 
     def close(self) -> None:
         """Stop listening and release the address (a paused reception can then only be abandoned)."""

@@ -61,12 +61,12 @@ class Destination:
         self,
         conn: Connection,
         opts: DestinationOptions,
-        first: P.Header,
-        accept_stream: Callable[[], tuple[Connection, P.Header]] | None = None,
+        first: tuple[P.Header, bytes],
+        accept_stream: Callable[[], tuple[Connection, P.Header, bytes]] | None = None,
     ) -> None:
         self.conn = conn
         self.opts = opts
-        #: The first frame's header, read after the authentication (``_intake``).
+        #: The first frame (header and body), read after the authentication (``_intake``).
         self.first = first
         #: Accepts one more connection on the listener (TLS and authentication included), for the extra streams.
         self.accept_stream = accept_stream
@@ -87,12 +87,11 @@ class Destination:
     # -- the handshake -------------------------------------------------------
 
     def handshake(self) -> P.Hello:
-        header = self.first
+        header, body = self.first
         if header.type is P.Frame.RECOVER:
-            body = self.read_body(header, P.MAX_CONTROL_BODY, "reading RECOVER")
             raise refuse(self.conn, "migration_id", f"no post-copy migration {P.decode_hello(body).migration_id.hex()} waits here")
         P.expect(header, (P.Frame.HELLO,), "the handshake")
-        hello = P.decode_hello(self.read_body(header, P.MAX_CONTROL_BODY, "reading HELLO"))
+        hello = P.decode_hello(body)
         refusal = check_hello(hello, self.opts, extra_streams=self.accept_stream is not None)
         if refusal is not None:
             raise refuse(self.conn, *refusal)
@@ -287,6 +286,7 @@ def refuse(conn: Connection, field: str, reason: str) -> CompatibilityError:
 def recover_reception(
     conn: Connection,
     header: P.Header,
+    body: bytes,
     find: Callable[[bytes], PostcopyReceiver | None],
     opts: DestinationOptions,
 ) -> None:
@@ -297,9 +297,9 @@ def recover_reception(
     else is refused and changes nothing.
     """
     try:
-        if header.count or not 0 < header.length <= P.MAX_CONTROL_BODY:
-            raise ProtocolError(f"RECOVER frame of {header.length} bytes (count {header.count})")
-        hello = P.decode_hello(bytes(conn.recv_exact(header.length, "reading RECOVER")))
+        if header.count:
+            raise ProtocolError(f"RECOVER frame with count {header.count}")
+        hello = P.decode_hello(body)
     except MigrationError as exc:
         frame = error_frame_for(exc)
         if frame is not None:

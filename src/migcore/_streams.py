@@ -173,7 +173,7 @@ class StreamSenders:
 
 
 def accept_streams(
-    accept: Callable[[], tuple[Connection, P.Header]],
+    accept: Callable[[], tuple[Connection, P.Header, bytes]],
     hello: P.Hello,
     *,
     receive: ReceiveOn,
@@ -181,7 +181,7 @@ def accept_streams(
 ) -> StreamReceivers:
     """Accept and check the source's ``hello.streams`` extra connections.
 
-    ``accept`` returns an authenticated connection and its first header;
+    ``accept`` returns an authenticated connection and its first frame;
     ``receive`` stores one PAGES frame from a stream; ``wake`` unblocks the
     main thread (it closes the main connection) when a stream fails.
     """
@@ -189,11 +189,10 @@ def accept_streams(
     conns: dict[int, Connection] = {}
     try:
         while len(conns) < n:
-            conn, header = accept()
+            conn, header, mid = accept()
             try:
-                if header.type is not P.Frame.STREAM or header.length != len(hello.migration_id):
+                if header.type is not P.Frame.STREAM or len(mid) != len(hello.migration_id):
                     raise ProtocolError(f"expected STREAM on an extra connection, got {header.name}")
-                mid = bytes(conn.recv_exact(header.length, "reading STREAM"))
                 if mid != hello.migration_id:
                     raise ProtocolError("an extra connection belongs to another migration")
                 if not 0 <= header.count < n or header.count in conns:
