@@ -350,3 +350,10 @@ def test_a_lost_postcopy_link_is_recovered_from_the_command_line(
             recv.kill()
             recv.communicate()
     assert (tmp_path / "out.bin").read_bytes() == path.read_bytes()
+
+
+@pytest.mark.parametrize("bad", ["10zz/s", "abc", "-1"])
+def test_bench_refuses_a_bad_rate_without_a_traceback(bad: str) -> None:
+    proc = run_cli("bench", "--rates", bad, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "--rates" in proc.stdout + proc.stderr and "Traceback" not in proc.stderr

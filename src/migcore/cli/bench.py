@@ -45,8 +45,14 @@ def bench_rate(text: str) -> Rate:
 
     t = text.strip().lower()
     if t.endswith("/s"):
-        return Rate(absolute=float(parse_size(t[:-2])))
-    value = float(t.rstrip("x"))
+        try:
+            return Rate(absolute=float(parse_size(t[:-2])))
+        except argparse.ArgumentTypeError as exc:  # a ValueError to the caller, like every other bad rate
+            raise ValueError(str(exc)) from None
+    try:
+        value = float(t.rstrip("x"))
+    except ValueError:
+        raise ValueError(f"not a dirty rate: {text!r} (try 0.25, 0.5x or 200MiB/s)") from None
     if value < 0:
         raise ValueError(f"dirty rate must be >= 0, got {text!r}")
     return Rate(fraction=value)
