@@ -340,11 +340,16 @@ def test_a_lost_postcopy_link_is_recovered_from_the_command_line(
         assert f"--recover {mid}" in said
         assert cli_send.process_stopped(wproc.pid)  # after the switch: the program lives at the destination
         assert recv.poll() is None  # the paused reception (and its listener) stay alive
+        lines: list[str] = []
+        while not any("post-copy paused" in line for line in lines):  # the receiver says so
+            line = recv.stdout.readline()
+            assert line, "the receiver ended instead of waiting for a recovery"
+            lines.append(line)
         again = run_cli("send", str(path), address, "--recover", mid, "--timeout", "30", "--no-progress")
         assert again.returncode == 0, again.stdout + again.stderr
         out, err = recv.communicate(timeout=60)
         assert recv.returncode == 0, out + err
-        assert "post-copy paused" in " ".join(out.split()) and "recoveries" in out
+        assert "recoveries" in out
     finally:
         if recv.poll() is None:
             recv.kill()
