@@ -130,6 +130,14 @@ class Receiver:
         return self
 
 
+def wait_status(received: migcore.Received, status: str, seconds: float = 10.0) -> None:
+    """Until the reception reports ``status`` (a post-copy receiver changes it on its own thread)."""
+    deadline = time.monotonic() + seconds
+    while received.stats.status != status and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert received.stats.status == status, received.stats
+
+
 class GuardedAllocations:
     """Replaces the destination's allocator: each region sits between guard bytes, and every call is logged."""
 

@@ -20,7 +20,7 @@ from migcore import _postcopy_wire as PW
 from migcore import _protocol as P
 from migcore import _userfault
 
-from _live import Receiver
+from _live import Receiver, wait_status
 from test_deferred_digest import table_digest
 from test_failures import NBYTES, Forged, pages_frame
 
@@ -89,10 +89,7 @@ def test_every_reader_wakes_with_the_right_bytes_whatever_ends_the_postcopy() ->
                     received.wait(5)
                 elif ending == "cut":
                     f.close()
-                    deadline = time.monotonic() + 5
-                    while received.stats.status != "postcopy-paused" and time.monotonic() < deadline:
-                        time.sleep(0.001)
-                    assert received.stats.status == "postcopy-paused"
+                    wait_status(received, "postcopy-paused", 5)
                     missing = received.missing_pages  # at least what was never sent (a reset drops what was in flight)
                     assert NPAGES - sent <= missing
                     assert received.abandon() == missing == received.missing_pages

@@ -24,18 +24,11 @@ from migcore import _protocol as P
 from migcore import _source
 
 from _certs import make_pki
-from _live import Receiver, Writer, random_region
+from _live import Receiver, Writer, random_region, wait_status
 from _proxy import CutProxy
 
 MIB = 1 << 20
 TIMEOUT = 10.0
-
-
-def wait_status(received: migcore.Received, status: str, seconds: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + seconds
-    while received.stats.status != status and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert received.stats.status == status, received.stats
 
 
 def cut_postcopy(

@@ -16,7 +16,7 @@ import pytest
 import migcore
 from migcore import _destination, _userfault
 
-from _live import Receiver
+from _live import Receiver, wait_status
 from _proxy import CutProxy
 
 MIB = 1 << 20
@@ -190,10 +190,7 @@ def test_link_cut_after_switch_pauses_and_a_reader_gets_the_source_bytes_after_r
         received = rx.received
         assert received is not None and received.transparent
         proxy.cut.wait(20)
-        deadline = time.monotonic() + 10
-        while received.stats.status != "postcopy-paused" and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert received.stats.status == "postcopy-paused"
+        wait_status(received, "postcopy-paused")
         owed = [p for p in range(region.npages) if received.missing_in(p * ps, 1)]
         assert len(owed) == received.missing_pages > 0
         pages = [owed[0], owed[len(owed) // 2], owed[-1]]
@@ -229,10 +226,7 @@ def test_source_killed_during_postcopy_pauses_until_the_program_abandons() -> No
         time.sleep(0.3)
         proc.kill()  # SIGKILL: no goodbye on the wire
         proc.communicate(timeout=10)
-        deadline = time.monotonic() + 10
-        while received.stats.status != "postcopy-paused" and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert received.stats.status == "postcopy-paused"
+        wait_status(received, "postcopy-paused")
         owed = [p for p in range(region.npages) if received.missing_in(p * ps, 1)]
         assert len(owed) == received.missing_pages > 0
         got: list[bytes] = []
