@@ -194,6 +194,8 @@ for mode in MODES:
 options = MigrationOptions(mode="stopcopy", streams=2)
 listener: migcore.Listener = migcore.listen("tcp://127.0.0.1:0", max_payload=1 << 20, token="t")
 ListenOptions(max_bytes=1 << 30)
+handle: migcore.Migration = migcore.start(buf, "tcp://127.0.0.1:9", mode="stopcopy", connect_timeout=5.0)
+final: migcore.MigrationStats = handle.result(1.0)
 """
 
 BAD = """\
@@ -207,6 +209,8 @@ migcore.migrate(buf, "tcp://127.0.0.1:9", on_stall="panic")
 migcore.migrate(buf, "tcp://127.0.0.1:9", compress="brotli")
 migcore.listen("tcp://127.0.0.1:0", max_payload="big")
 MigrationOptions(mode="teleport")
+migcore.start(buf, "tcp://127.0.0.1:9", mode="precpy")
+migcore.start(buf, "tcp://127.0.0.1:9", streams="two")
 """
 
 
@@ -228,4 +232,4 @@ def test_mypy_strict_accepts_good_options_and_rejects_misspelt_names(tmp_path: P
     bad = _mypy(tmp_path / "bad.py", cache)
     assert bad.returncode == 1, bad.stdout + bad.stderr
     flagged = {int(m.group(1)) for m in re.finditer(r"^bad\.py:(\d+): error: .*\[arg-type\]$", bad.stdout, re.M)}
-    assert flagged == set(range(5, 11)), bad.stdout
+    assert flagged == set(range(5, 13)), bad.stdout

@@ -11,6 +11,7 @@ from migcore._errors import (
     ProtocolError,
     VerificationError,
 )
+from migcore._migration import Migration, start
 from migcore._region import Region
 from migcore._stats import MigrationStats
 
@@ -18,6 +19,7 @@ __all__ = [
     "AuthenticationError",
     "CompatibilityError",
     "Listener",
+    "Migration",
     "MigrationCancelled",
     "MigrationError",
     "MigrationStats",
@@ -30,5 +32,6 @@ __all__ = [
     "listen",
     "migrate",
     "recover",
+    "start",
 ]
 __version__ = "0.1.0"

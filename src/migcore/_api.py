@@ -66,6 +66,7 @@ def migrate(
     bandwidth_limit: float | None = None,
     postcopy_bandwidth_limit: float | None = None,
     streams: int = 1,
+    connect_timeout: float | None = None,
 ) -> MigrationStats:
     """Move ``source`` (a :class:`Region` or any writable buffer) and a state blob to a listening destination.
 
@@ -114,6 +115,10 @@ def migrate(
     - ``streams=N`` (N > 1): pages travel on N extra connections, each sent
       from its own thread; control and state stay on the main one.
 
+    ``connect_timeout`` (seconds) waits for a destination that does not
+    listen yet: a refused connection is retried with backoff until then
+    (default: fail at once). ``timeout`` still bounds each attempt.
+
     Addresses: ``tcp://HOST:PORT``, ``unix:///PATH``, or ``file:///PATH`` for
     shared storage (pages written at page index x page size into PATH, with
     manifests in ``PATH.manifest``; see :func:`listen`).
@@ -155,6 +160,7 @@ def migrate(
         bandwidth_limit=bandwidth_limit,
         postcopy_bandwidth_limit=postcopy_bandwidth_limit,
         streams=streams,
+        connect_timeout=connect_timeout,
     )
     addr = options.validate(address)
     region = source if isinstance(source, Region) else Region(source)
@@ -187,7 +193,8 @@ def migrate(
         log.info("source: migrating %d bytes to shared storage %s (%s)", region.nbytes, addr.path, mode)
     else:
         log.info("source: migrating %d bytes to %s (%s, tracker %s)", region.nbytes, address, mode, tracker_name)
-    return Source(region, opts, _link_factory(address, opts, options.timeout, options.tls)).run()
+    link = _link_factory(address, opts, options.timeout, options.tls, options.connect_timeout)
+    return Source(region, opts, link).run()
 
 
 def recover(
@@ -201,6 +208,7 @@ def recover(
     tls: ssl.SSLContext | None = None,
     token: str | bytes | None = None,
     postcopy_bandwidth_limit: float | None = None,
+    connect_timeout: float | None = None,
 ) -> MigrationStats:
     """Continue a post-copy migration whose link was lost after the switch.
 
@@ -215,7 +223,8 @@ def recover(
     destination's as they did then. A lost link raises :class:`PeerLostError`
     again and both sides stay paused: call :func:`recover` once more.
     Refused (typed, nothing changed) when the destination has no paused
-    reception of that id or anything differs.
+    reception of that id or anything differs. ``connect_timeout`` waits for
+    a destination that is being restarted, as in :func:`migrate`.
     """
     try:
         mid = bytes.fromhex(migration_id)
@@ -225,7 +234,7 @@ def recover(
         raise ValueError(f"migration_id must be 32 hex digits, got {len(migration_id)} characters")
     options = MigrationOptions(
         mode="postcopy", timeout=timeout, compat=compat, progress=progress, tls=tls, token=token,
-        postcopy_bandwidth_limit=postcopy_bandwidth_limit,
+        postcopy_bandwidth_limit=postcopy_bandwidth_limit, connect_timeout=connect_timeout,
     )
     options.validate(address)
     region = source if isinstance(source, Region) else Region(source)
@@ -246,11 +255,18 @@ def recover(
         postcopy_bandwidth_limit=options.postcopy_bandwidth_limit,
     )
     log.info("source: recovering migration %s to %s", migration_id, address)
-    return Source(region, opts, _link_factory(address, opts, options.timeout, options.tls), migration_id=mid).recover()
+    link = _link_factory(address, opts, options.timeout, options.tls, options.connect_timeout)
+    return Source(region, opts, link, migration_id=mid).recover()
 
 
-def _link_factory(address: str, opts: SourceOptions, timeout: float | None, tls: ssl.SSLContext | None) -> LinkFactory:
-    """The link an address scheme calls for: shared storage for ``file://``, a connection otherwise."""
+def _link_factory(
+    address: str, opts: SourceOptions, timeout: float | None, tls: ssl.SSLContext | None, wait: float | None = None
+) -> LinkFactory:
+    """The link an address scheme calls for: shared storage for ``file://``, a connection otherwise.
+
+    ``wait`` is ``connect_timeout``: only the first connection waits for the
+    destination to listen; the extra streams join one that already does.
+    """
     addr = parse_address(address)
 
     def open_link(region: Region, stats: StatsRecorder, progress: Callable[[], None]) -> SourceLink:
@@ -266,7 +282,7 @@ def _link_factory(address: str, opts: SourceOptions, timeout: float | None, tls:
             )
         return SocketLink(
             region,
-            connect(address, timeout, tls),
+            connect(address, timeout, tls, wait=wait),
             stats,
             encoder=encoder,
             token=opts.token,

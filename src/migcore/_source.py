@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from migcore import _kernels, _local, _passes, _residency
+from migcore import _control, _kernels, _local, _passes, _residency
 from migcore import _protocol as P
 from migcore._convergence import Action, Convergence
 from migcore._delta import DEFAULT_CACHE_BYTES
@@ -115,6 +115,9 @@ class Source:
             total_bytes=region.nbytes,
         )
         self.stats.update(streams=opts.streams, compress=opts.compress or "")
+        self.control = _control.current()
+        if self.control is not None:
+            self.control.attach(self.stats)
         self.accept: P.Accept | None = None
         self.paused_at: float | None = None
         self.switched = False
@@ -131,7 +134,12 @@ class Source:
         self.rounds_sent = 0
 
     def report(self, force: bool = False) -> None:
-        """Call the user's progress callback (at most every PROGRESS_INTERVAL unless forced)."""
+        """Call the user's progress callback (at most every PROGRESS_INTERVAL unless forced).
+
+        Also where a cancel request from a :class:`migcore.Migration` handle
+        takes effect, as long as the program was not paused yet.
+        """
+        self.check_cancel()
         if self.opts.progress is None:
             return
         now = time.monotonic()
@@ -310,7 +318,14 @@ class Source:
 
     # -- the pause -------------------------------------------------------------
 
+    def check_cancel(self) -> None:
+        """Raise :class:`MigrationCancelled` if the handle asked to cancel and the program still runs."""
+        if self.control is not None and self.control.cancel_requested.is_set() and self.paused_at is None:
+            raise MigrationCancelled("the migration was cancelled before the pause; the source is untouched")
+
     def do_pause(self) -> None:
+        if self.control is not None and not self.control.enter_pause():
+            self.check_cancel()
         if self.opts.pause is not None:
             self.opts.pause()
         self.paused_at = time.monotonic()

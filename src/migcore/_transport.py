@@ -342,30 +342,53 @@ def secure_server(conn: Connection, ctx: ssl.SSLContext, timeout: float | None) 
     return _tls_handshake(conn.sock, ctx, timeout)
 
 
-def connect(address: str, timeout: float | None, tls: ssl.SSLContext | None = None) -> Connection:
-    """Open a connection to a listening destination (TLS first when ``tls`` is given)."""
+def connect(
+    address: str, timeout: float | None, tls: ssl.SSLContext | None = None, *, wait: float | None = None
+) -> Connection:
+    """Open a connection to a listening destination (TLS first when ``tls`` is given).
+
+    ``wait`` (seconds) retries a refused connection, or a unix socket that
+    does not exist yet, with a backoff of 50 ms doubling to 1 s, until the
+    destination listens or ``wait`` has passed; ``PeerLostError`` then.
+    """
     addr = parse_address(address)
     if addr.scheme == "file":
         raise ValueError("file:// addresses are shared storage, not connections")
-    try:
-        if addr.scheme == "unix":
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.settimeout(timeout)
-                sock.connect(addr.path)
-            except BaseException:
-                sock.close()
-                raise
-        else:
-            sock = socket.create_connection((addr.host, addr.port), timeout=timeout)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except TimeoutError as exc:
-        raise MigrationTimeout(f"could not connect to {addr} within {timeout:g} s") from exc
-    except OSError as exc:
-        raise PeerLostError(f"could not connect to {addr}: {exc}") from exc
+    deadline = None if wait is None else time.monotonic() + wait
+    delay = 0.05
+    while True:
+        try:
+            sock = _open_socket(addr, timeout)
+            break
+        except TimeoutError as exc:
+            raise MigrationTimeout(f"could not connect to {addr} within {timeout:g} s") from exc
+        except (ConnectionRefusedError, FileNotFoundError) as exc:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is None or left <= 0:
+                waited = f" (waited {wait:g} s for it to listen)" if wait else ""
+                raise PeerLostError(f"could not connect to {addr}: {exc}{waited}") from exc
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, 1.0)
+        except OSError as exc:
+            raise PeerLostError(f"could not connect to {addr}: {exc}") from exc
     if tls is not None:
         return _tls_handshake(sock, tls, timeout, server_hostname=addr.host)
     return Connection(sock, timeout)
+
+
+def _open_socket(addr: Address, timeout: float | None) -> socket.socket:
+    if addr.scheme == "unix":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(addr.path)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    sock = socket.create_connection((addr.host, addr.port), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
 class Server:

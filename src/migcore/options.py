@@ -123,6 +123,7 @@ class MigrationOptions:
     bandwidth_limit: float | None = None
     postcopy_bandwidth_limit: float | None = None
     streams: int = 1
+    connect_timeout: float | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -142,6 +143,7 @@ class MigrationOptions:
         if isinstance(self.max_rounds, bool) or not isinstance(self.max_rounds, int) or self.max_rounds < 1:
             raise ValueError(f"max_rounds must be an int >= 1, got {self.max_rounds!r}")
         _set(self, "timeout", check_timeout("timeout", self.timeout))
+        _set(self, "connect_timeout", check_timeout("connect_timeout", self.connect_timeout))
         if not callable(self.state):
             try:
                 memoryview(self.state)
@@ -286,6 +288,11 @@ REFUSALS: tuple[Refusal, ...] = (
         '``on_stall="postcopy"``', "``file://`` (no destination to ask for pages)",
         lambda o: o.on_stall == "postcopy", "on_stall='postcopy'", scheme="file",
         example=lambda: {"on_stall": "postcopy"},
+    ),
+    Refusal(
+        "``connect_timeout``", "``file://`` (the source creates the file; there is nothing to wait for)",
+        lambda o: o.connect_timeout is not None, "connect_timeout", scheme="file",
+        example=lambda: {"connect_timeout": 5.0},
     ),
 )
 
