@@ -151,3 +151,25 @@ def test_connect_timeout_is_refused_for_shared_storage(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="connect_timeout"):
         migcore.migrate(bytearray(4096), f"file://{tmp_path / 'img'}", mode="stopcopy", connect_timeout=1)
     assert not (tmp_path / "img").exists()
+
+
+@pytest.mark.parametrize(
+    "mode,options",
+    [("stopcopy", {}), ("precopy", {"compress": "zstd"}), ("precopy", {"streams": 2}), ("postcopy", {}),
+     ("hybrid", {"delta": True})],
+)
+def test_both_ends_tell_the_same_story(mode: str, options: dict[str, object]) -> None:
+    region = random_region(4 << 20, seed=13)
+    writer = Writer(region, seed=13).start()
+    with migcore.listen("tcp://127.0.0.1:0") as listener:
+        receiver = Receiver(listener)
+        sent = migcore.migrate(region, listener.address, mode=mode, pause=writer.pause, state=b"s" * 99,
+                               timeout=20, **options)  # type: ignore[arg-type]
+        receiver.join()
+    assert receiver.error is None and receiver.received is not None
+    got = receiver.received.stats
+    shared = ("mode", "tracker", "migration_id", "page_size", "total_bytes", "rounds", "pages_per_round",
+              "state_bytes", "compress", "streams", "status", "verified")
+    assert {f: getattr(got, f) for f in shared} == {f: getattr(sent, f) for f in shared}
+    assert got.rounds >= 1 and got.status == "completed"
+    assert bytes(receiver.received.region.view) == writer.snapshot

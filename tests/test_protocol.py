@@ -219,3 +219,18 @@ def test_zero_notice_flag_is_a_distinct_pages_flag_and_carries_no_payload() -> N
     assert (h.type, h.flags, h.count, h.length) == (P.Frame.PAGES, P.FLAG_POSTCOPY | P.FLAG_ZERO, 2, 0)
     assert len(raw) == P.HEADER_SIZE + 2 * P.RUN_SIZE
     assert np.array_equal(P.decode_runs(raw[P.HEADER_SIZE :], 2), runs)
+
+
+def test_the_protocol_document_lists_every_frame_with_its_number() -> None:
+    from pathlib import Path
+    import re
+
+    doc = (Path(__file__).parent.parent / "docs" / "protocol.md").read_text()
+    table = doc.split("<!-- frames:", 1)[1].split("<!-- /frames -->", 1)[0]
+    rows = dict(re.findall(r"^\| ([A-Z_]+) \| (\d+) \|", table, re.M))
+    assert {name: int(number) for name, number in rows.items()} == {f.name: int(f) for f in P.Frame}
+    flags = dict(re.findall(r"^\| `(FLAG_[A-Z]+)` \| (\d+) \|", doc, re.M))
+    assert {name: int(v) for name, v in flags.items()} == {
+        name: getattr(P, name) for name in ("FLAG_POSTCOPY", "FLAG_COMPRESSED", "FLAG_DELTA", "FLAG_ZERO")
+    }
+    assert ", ".join(P.REFUSE_FIELDS) in " ".join(doc.split())

@@ -106,7 +106,8 @@ class Destination:
             page_size=hello.page_size,
             total_bytes=hello.nbytes,
         )
-        self.stats.update(status="active")
+        # both ends tell the same story: what the source asked for is what this side counts under
+        self.stats.update(status="active", streams=hello.streams, compress=hello.codec or "")
         self.region = _allocate_region(hello.nbytes, hello.page_size)
         if self.region.nbytes != hello.nbytes or self.region.page_size != hello.page_size:
             raise MigrationError("allocated region does not match the HELLO")
@@ -199,7 +200,7 @@ class Destination:
                 state = self.receive_state(header, hello)
             elif header.type is P.Frame.COMPLETE:
                 assert state is not None
-                return self.commit(header, rnd, state, hello, store)
+                return self.commit(header, rnd, state, hello, store, round_runs)
             elif header.type is P.Frame.POSTCOPY:
                 assert state is not None
                 return self.switch(header, rnd, state, hello, store)
@@ -239,11 +240,15 @@ class Destination:
         self.stats.update(state_bytes=len(state))
         return state
 
-    def commit(self, header: P.Header, rnd: int, state: bytes, hello: P.Hello, store: PageStore) -> Received:
+    def commit(
+        self, header: P.Header, rnd: int, state: bytes, hello: P.Hello, store: PageStore, final: list[U64]
+    ) -> Received:
         """COMPLETE: every page arrived; commit only if the whole table matches the source's (rule 2)."""
         digest = self.read_body(header, P.DIGEST_SIZE, "reading COMPLETE", exact=P.DIGEST_SIZE)
-        self.join_streams(rnd)
+        final = final + self.join_streams(rnd)
         store.verify(digest)
+        # the pass of the pause is a round to the source too (its last dirty-page synchronisation)
+        self.stats.synced(sum(int(runs[:, 1].sum()) for runs in final), 0)
         self.conn.send_all(P.encode_header(P.Frame.DONE), "sending DONE")
         self.conn.close()
         self.stats.completed()
@@ -265,16 +270,21 @@ class Destination:
         # a source in this process would stall behind a thread that faults holding the GIL: no userfaultfd then
         receiver = start_postcopy(store, owed, self.conn, digest, transparent=not _local.is_source(hello.migration_id))
         receiver.hello = hello
+        self.stats.synced(receiver.count, receiver.count * store.region.page_size)  # the owed pages: the last round
         return Received(store.region, state, self.stats, hello.mode, postcopy=receiver)
 
-    def join_streams(self, rnd: int) -> None:
-        """Before the commit or the switch: every stream delivered the final pass (round ``rnd``) and ended."""
+    def join_streams(self, rnd: int) -> list[U64]:
+        """Before the commit or the switch: every stream delivered the final pass (round ``rnd``) and ended.
+
+        Returns the runs the streams stored in that pass.
+        """
         if self.streams is None:
-            return
-        self.streams.wait_round(rnd)
+            return []
+        runs = self.streams.wait_round(rnd)
         self.streams.wait_end()
         self.streams.close()
         self.streams = None
+        return runs
 
 
 def refuse(conn: Connection, field: str, reason: str) -> CompatibilityError:
