@@ -362,3 +362,21 @@ def test_bench_refuses_a_bad_rate_without_a_traceback(bad: str) -> None:
     proc = run_cli("bench", "--rates", bad, timeout=60)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "--rates" in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_send_waits_for_a_receiver_that_starts_later(tmp_path: Path) -> None:
+    path = tmp_path / "quiet.bin"
+    path.write_bytes(os.urandom(200_000))
+    address = f"unix://{tmp_path / 'later.sock'}"
+    send = subprocess.Popen(
+        [sys.executable, "-m", "migcore", "send", str(path), address, "--wait", "60", "--timeout", "30",
+         "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    time.sleep(1.0)  # the sender is retrying by now
+    assert send.poll() is None
+    recv = run_cli("receive", address, "--out", str(tmp_path / "out.bin"), "--timeout", "30")
+    out, err = send.communicate(timeout=60)
+    assert send.returncode == 0, out + err
+    assert recv.returncode == 0, recv.stdout + recv.stderr
+    assert (tmp_path / "out.bin").read_bytes() == path.read_bytes()

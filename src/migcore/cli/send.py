@@ -23,7 +23,7 @@ from rich.console import Console
 import migcore
 from migcore.cli.common import add_migrate_options, migrate_options
 from migcore.cli.display import RoundProgress, logger, stats_table
-from migcore.cli.units import format_size
+from migcore.cli.units import format_size, parse_duration
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -53,6 +53,10 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     send.add_argument(
         "--recover", default=None, metavar="ID",
         help="continue post-copy migration ID after a lost link (the destination's listener holds it paused)",
+    )
+    send.add_argument(
+        "--wait", type=parse_duration, default=None, metavar="SECONDS",
+        help="retry the connection (with backoff) until the destination listens, up to SECONDS",
     )
     add_migrate_options(send, default_tracker="hash")
     send.set_defaults(func=run)
@@ -163,6 +167,7 @@ def _migrate(
     """Map ``path`` and migrate it; the stats and the bars, or None when the migration failed."""
     opts = migrate_options(args)
     opts["tracker"] = "hash" if args.tracker == "auto" else args.tracker
+    opts["connect_timeout"] = args.wait
     opts.update(
         pause=writer.pause, state=writer.state, resume=lambda: writer.cont("migration failed before the switchover")
     )
@@ -173,7 +178,8 @@ def _migrate(
         try:
             with RoundProgress(console, enabled=not args.no_progress) as bar:
                 if args.recover:
-                    link = {k: opts[k] for k in ("timeout", "compat", "tls", "token", "postcopy_bandwidth_limit") if k in opts}
+                    keys = ("timeout", "compat", "tls", "token", "postcopy_bandwidth_limit", "connect_timeout")
+                    link = {k: opts[k] for k in keys if k in opts}
                     stats = migcore.recover(region, args.address, args.recover, progress=bar, **link)
                 else:
                     stats = migcore.migrate(region, args.address, progress=bar, **opts)
