@@ -229,6 +229,7 @@ def test_cli_builds_tls_and_token_options(pki: Pki, tmp_path: Path) -> None:
 
     secret = tmp_path / "token"
     secret.write_bytes(b"from-a-file\n")
+    secret.chmod(0o600)
     parser = cli.build_parser()
     args = parser.parse_args([
         "send", "/dev/null", "tcp://127.0.0.1:1", "--tls-cert", str(pki.client_cert), "--tls-key", str(pki.client_key),
@@ -244,3 +245,83 @@ def test_cli_builds_tls_and_token_options(pki: Pki, tmp_path: Path) -> None:
     ])
     server = common.tls_context(args, server=True)
     assert server is not None and server.verify_mode == ssl.CERT_REQUIRED
+
+
+def test_migrate_refuses_a_destination_off_this_host_without_authentication() -> None:
+    from migcore.options import MigrationOptions
+
+    buf = bytearray(4096)
+    # refused before any connection: nothing is ever sent to these documentation addresses
+    for call in (
+        lambda: migcore.migrate(buf, "tcp://192.0.2.1:7100", mode="stopcopy"),
+        lambda: migcore.start(buf, "tcp://[2001:db8::1]:7100"),
+        lambda: migcore.recover(buf, "tcp://192.0.2.1:7100", "00" * 16),
+    ):
+        with pytest.raises(ValueError, match="refusing to migrate to .*without tls=.*insecure=True"):
+            call()
+    # what would let it through, checked without connecting
+    MigrationOptions(token="t" * 20).validate("tcp://192.0.2.1:7100")
+    MigrationOptions(tls=ssl.create_default_context()).validate("tcp://192.0.2.1:7100")
+    MigrationOptions(insecure=True).validate("tcp://192.0.2.1:7100")
+    MigrationOptions().validate("tcp://127.0.0.1:7100")
+    with pytest.raises(TypeError, match="insecure"):
+        MigrationOptions(insecure="yes").validate("tcp://192.0.2.1:7100")  # type: ignore[arg-type]
+
+
+def test_a_tls_listener_that_verifies_nobody_counts_as_unauthenticated(pki: Pki) -> None:
+    from migcore.options import ListenOptions
+
+    lax = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    lax.load_cert_chain(pki.server_cert, pki.server_key)
+    with pytest.raises(ValueError, match="refusing to listen on 0.0.0.0"):
+        migcore.listen("tcp://0.0.0.0:0", tls=lax)
+    ListenOptions(tls=lax, token="t").validate("tcp://0.0.0.0:0")
+    ListenOptions(tls=lax, insecure=True).validate("tcp://0.0.0.0:0")
+    ListenOptions(tls=lax).validate("tcp://127.0.0.1:0")  # loopback: this host only
+    strict = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    strict.load_cert_chain(pki.server_cert, pki.server_key)
+    strict.verify_mode = ssl.CERT_REQUIRED
+    strict.load_verify_locations(pki.ca)
+    ListenOptions(tls=strict).validate("tcp://0.0.0.0:0")
+
+
+def test_cli_refuses_a_token_file_other_users_can_read(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    secret = tmp_path / "token"
+    made = subprocess.run([sys.executable, "-m", "migcore", "token", "--out", str(secret)],
+                          capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    assert secret.stat().st_mode & 0o777 == 0o600
+    value = secret.read_text().strip()
+    assert len(value) == 43 and value != secret.read_text() and "\n" not in value
+    again = subprocess.run([sys.executable, "-m", "migcore", "token", "--out", str(secret)],
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode != 0 and "exists" in again.stderr and secret.read_text().strip() == value
+    printed = {subprocess.run([sys.executable, "-m", "migcore", "token"], capture_output=True, text=True,
+                              timeout=60).stdout.strip() for _ in range(2)}
+    assert len(printed) == 2 and all(len(p) == 43 for p in printed)  # fresh each time
+    # a good file works end to end: a migration over loopback with it
+    region = bytes(range(256)) * 64
+    sent = tmp_path / "r.bin"
+    sent.write_bytes(region)
+    recv = subprocess.Popen(
+        [sys.executable, "-m", "migcore", "receive", f"unix://{tmp_path / 's'}", "--out", str(tmp_path / "o.bin"),
+         "--token-file", str(secret), "--timeout", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    send = subprocess.run(
+        [sys.executable, "-m", "migcore", "send", str(sent), f"unix://{tmp_path / 's'}", "--token-file", str(secret),
+         "--wait", "30", "--no-progress", "--mode", "stopcopy"], capture_output=True, text=True, timeout=90,
+    )
+    out, err = recv.communicate(timeout=60)
+    assert send.returncode == 0 and recv.returncode == 0, send.stderr + err
+    assert (tmp_path / "o.bin").read_bytes() == region
+    secret.chmod(0o644)
+    refused = subprocess.run(
+        [sys.executable, "-m", "migcore", "send", str(sent), f"unix://{tmp_path / 's'}", "--token-file", str(secret),
+         "--no-progress"], capture_output=True, text=True, timeout=60,
+    )
+    assert refused.returncode != 0
+    assert "readable by other users (mode 0644)" in refused.stderr and "chmod 600" in refused.stderr
+    assert "Traceback" not in refused.stderr

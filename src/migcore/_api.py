@@ -67,6 +67,7 @@ def migrate(
     postcopy_bandwidth_limit: float | None = None,
     streams: int = 1,
     connect_timeout: float | None = None,
+    insecure: bool = False,
 ) -> MigrationStats:
     """Move ``source`` (a :class:`Region` or any writable buffer) and a state blob to a listening destination.
 
@@ -115,6 +116,10 @@ def migrate(
     - ``streams=N`` (N > 1): pages travel on N extra connections, each sent
       from its own thread; control and state stay on the main one.
 
+    A ``tcp://`` destination off this host is refused without ``tls`` or
+    ``token`` (nothing would prove who receives the memory) unless
+    ``insecure=True``.
+
     ``connect_timeout`` (seconds) waits for a destination that does not
     listen yet: a refused connection is retried with backoff until then
     (default: fail at once). ``timeout`` still bounds each attempt.
@@ -161,6 +166,7 @@ def migrate(
         postcopy_bandwidth_limit=postcopy_bandwidth_limit,
         streams=streams,
         connect_timeout=connect_timeout,
+        insecure=insecure,
     )
     addr = options.validate(address)
     region = source if isinstance(source, Region) else Region(source)
@@ -209,6 +215,7 @@ def recover(
     token: str | bytes | None = None,
     postcopy_bandwidth_limit: float | None = None,
     connect_timeout: float | None = None,
+    insecure: bool = False,
 ) -> MigrationStats:
     """Continue a post-copy migration whose link was lost after the switch.
 
@@ -234,7 +241,7 @@ def recover(
         raise ValueError(f"migration_id must be 32 hex digits, got {len(migration_id)} characters")
     options = MigrationOptions(
         mode="postcopy", timeout=timeout, compat=compat, progress=progress, tls=tls, token=token,
-        postcopy_bandwidth_limit=postcopy_bandwidth_limit, connect_timeout=connect_timeout,
+        postcopy_bandwidth_limit=postcopy_bandwidth_limit, connect_timeout=connect_timeout, insecure=insecure,
     )
     options.validate(address)
     region = source if isinstance(source, Region) else Region(source)

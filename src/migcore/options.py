@@ -124,6 +124,7 @@ class MigrationOptions:
     postcopy_bandwidth_limit: float | None = None
     streams: int = 1
     connect_timeout: float | None = None
+    insecure: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -198,6 +199,8 @@ class MigrationOptions:
             values = _values(self)
             names = ", ".join(r.message.format_map(values) for r in refused)
             raise ValueError(SCHEME_REFUSED[addr.scheme].format(options=names))
+        if unauthenticated(addr, self.tls, self.token, self.insecure):
+            raise ValueError(UNAUTHENTICATED.format(verb="migrate to", host=addr.host, peers="destinations"))
         return addr
 
 
@@ -326,6 +329,20 @@ def document_refusals(doc: str | None) -> str | None:
     raise ValueError(f"docstring has no {REFUSALS_PLACEHOLDER} line")
 
 
+#: The refusal of a connection that nothing authenticates, for migrate(), recover() and listen().
+UNAUTHENTICATED = (
+    "refusing to {verb} {host}, reachable from other hosts, without tls= (verifying the peer) or token=; "
+    "pass insecure=True (CLI --insecure) to talk to unauthenticated {peers}"
+)
+
+
+def unauthenticated(addr: Address, tls: ssl.SSLContext | None, token: str | bytes | None, insecure: bool) -> bool:
+    """Whether a tcp address off this host would carry pages with nothing proving who the peer is."""
+    if not isinstance(insecure, bool):
+        raise TypeError("insecure must be True or False")
+    return addr.scheme == "tcp" and not is_loopback(addr.host) and tls is None and token is None and not insecure
+
+
 @dataclass(frozen=True)
 class ListenOptions:
     """Every keyword option of :func:`migcore.listen` and :class:`migcore.Listener`, checked.
@@ -373,10 +390,9 @@ class ListenOptions:
             raise ValueError("file:// shared storage takes no tls or token: the file system's permissions decide")
         if addr.scheme == "unix" and self.tls is not None:
             raise ValueError("unix:// connections stay on this host: tls needs tcp://")
-        if addr.scheme == "tcp" and not is_loopback(addr.host) and self.tls is None and self.token is None:
-            if not self.insecure:  # DESIGN.md rule 5: a destination reachable from another host authenticates its peer
-                raise ValueError(
-                    f"refusing to listen on {addr.host}, reachable from other hosts, without tls= or token=; "
-                    "pass insecure=True (CLI --insecure) to accept unauthenticated sources"
-                )
+        # DESIGN.md rule 5: a destination reachable from another host authenticates its peer; a TLS context
+        # that requires no client certificate authenticates nobody
+        verifying = self.tls if self.tls is not None and self.tls.verify_mode == ssl.CERT_REQUIRED else None
+        if unauthenticated(addr, verifying, self.token, self.insecure):
+            raise ValueError(UNAUTHENTICATED.format(verb="listen on", host=addr.host, peers="sources"))
         return addr

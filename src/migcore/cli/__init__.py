@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from rich.console import Console
 
 import migcore
-from migcore.cli import bench, demo, receive, send
+from migcore.cli import bench, demo, receive, send, token
 from migcore.cli.demo import first_difference
 from migcore.cli.display import RoundProgress, configure_logging, stats_table
 from migcore.cli.units import format_rate, format_seconds, format_size, parse_duration, parse_rate, parse_size
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     # -v also works after the command ("migcore send ... -v")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more diagnostics")
-    for command in (demo, send, receive, bench):
+    for command in (demo, send, receive, bench, token):
         command.add_parser(sub, common)
     return parser
 

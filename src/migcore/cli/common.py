@@ -105,9 +105,23 @@ def migrate_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def token(args: argparse.Namespace) -> bytes | None:
-    """The shared token from --token or --token-file (its first line; a file keeps it out of ``ps``)."""
+    """The shared token from --token or --token-file (its first line; a file keeps it out of ``ps``).
+
+    Like ssh with a private key, a token file that other users may read is
+    refused: the secret would not be one.
+    """
     if getattr(args, "token_file", None):
-        lines = Path(args.token_file).read_bytes().splitlines()
+        path = Path(args.token_file)
+        try:
+            mode = path.stat().st_mode
+            lines = path.read_bytes().splitlines()
+        except OSError as exc:
+            raise SystemExit(f"migcore: --token-file {path}: {exc.strerror or exc}") from None
+        if mode & 0o077:
+            raise SystemExit(
+                f"migcore: --token-file {path} is readable by other users (mode {mode & 0o777:04o}); "
+                f"run 'chmod 600 {path}'"
+            )
         return lines[0] if lines else b""
     secret = getattr(args, "token", None)
     return secret.encode() if secret else None

@@ -58,6 +58,10 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "--wait", type=parse_duration, default=None, metavar="SECONDS",
         help="retry the connection (with backoff) until the destination listens, up to SECONDS",
     )
+    send.add_argument(
+        "--insecure", action="store_true",
+        help="allow a destination off this host without --token or --tls-*: nothing proves who receives the memory",
+    )
     add_migrate_options(send, default_tracker="hash")
     send.set_defaults(func=run)
 
@@ -168,6 +172,7 @@ def _migrate(
     opts = migrate_options(args)
     opts["tracker"] = "hash" if args.tracker == "auto" else args.tracker
     opts["connect_timeout"] = args.wait
+    opts["insecure"] = args.insecure
     opts.update(
         pause=writer.pause, state=writer.state, resume=lambda: writer.cont("migration failed before the switchover")
     )
@@ -178,7 +183,7 @@ def _migrate(
         try:
             with RoundProgress(console, enabled=not args.no_progress) as bar:
                 if args.recover:
-                    keys = ("timeout", "compat", "tls", "token", "postcopy_bandwidth_limit", "connect_timeout")
+                    keys = ("timeout", "compat", "tls", "token", "postcopy_bandwidth_limit", "connect_timeout", "insecure")
                     link = {k: opts[k] for k in keys if k in opts}
                     stats = migcore.recover(region, args.address, args.recover, progress=bar, **link)
                 else:
