@@ -542,3 +542,42 @@ def test_idle_and_dripping_connections_do_not_hold_up_a_real_source() -> None:
             for s in (*idle, drip):
                 s.close()
             t.join(5)
+
+
+def test_a_peer_that_drips_its_opening_is_cut_off_by_the_total_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each byte comes well within the per-read bound, but the whole opening may not take longer than its deadline."""
+    import threading
+
+    from migcore import _intake
+
+    monkeypatch.setattr(_intake, "OPEN_DEADLINE", 1.0)
+    with migcore.listen("tcp://127.0.0.1:0") as listener:
+        port = int(listener.address.rsplit(":", 1)[1])
+        drip = socket.create_connection(("127.0.0.1", port))
+        hello = P.encode_hello(P.Hello(P.PROTOCOL_VERSION, 4096, NBYTES, "precopy", "hash", 0, None,
+                                       b"\x04" * 16, P.UNKNOWN_SIZE))
+        left: list[int] = []
+
+        def dripping() -> None:
+            for i, b in enumerate(hello):
+                time.sleep(0.1)  # far inside OPEN_TIMEOUT per byte; the HELLO would take seconds
+                try:
+                    drip.send(bytes([b]))
+                except OSError:
+                    left.append(len(hello) - i)
+                    return
+            left.append(0)
+
+        t = threading.Thread(target=dripping, daemon=True)
+        t.start()
+        with pytest.raises(migcore.MigrationTimeout, match="to open; dropped"):
+            listener.receive(timeout=30)
+        t.join(30)
+        assert left and left[0] > 0  # the listener hung up before the peer could finish its HELLO
+        drip.close()
+        region = random_region(1 << 20, seed=6)
+        rx = Receiver(listener, timeout=20)
+        migcore.migrate(region, listener.address, mode="stopcopy", timeout=10)
+        rx.join()
+        assert rx.error is None and rx.received is not None
+        assert bytes(rx.received.region.view) == bytes(region.view)

@@ -5,7 +5,9 @@ A listener hands connections to the program's :meth:`Listener.receive` calls
 a paused post-copy reception (RECOVER, although nobody calls ``receive()``).
 A background thread accepts every connection and runs its TLS, its
 authentication and the read of its first frame on a thread of its own, under
-a deadline per read (``OPEN_TIMEOUT``): an idle, slow or garbage connection
+a deadline per read (``OPEN_TIMEOUT``) and one for the whole opening
+(``OPEN_DEADLINE``, so a peer that drips a byte at a time is cut off too):
+an idle, slow or garbage connection
 holds only its own thread, never the next source. An opened connection goes
 to the handler of its first frame, or to the queue the next ``receive()``
 takes from (failures are queued too, so ``receive()`` raises them).
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import socket
 import ssl
 import threading
 import time
@@ -31,6 +34,9 @@ log = logging.getLogger("migcore")
 Opened = tuple[Connection, P.Header, bytes]
 #: Seconds a connection may stay silent during its TLS, its authentication and its first frame.
 OPEN_TIMEOUT = 10.0
+#: Seconds the whole opening may take, however the peer spreads its bytes (one a second would pass
+#: any per-read bound); an honest opening takes a few round trips.
+OPEN_DEADLINE = 20.0
 #: Connections (or their failures) queued ahead of ``receive()`` calls.
 QUEUE_DEPTH = 32
 #: Connections being opened at once (a bound on the threads idle peers can hold).
@@ -57,8 +63,27 @@ class Intake:
         self.thread.start()
 
     def open(self, conn: Connection) -> Opened:
-        """TLS (when configured), authentication, and the first frame of an accepted connection."""
+        """TLS (when configured), authentication, and the first frame of an accepted connection.
+
+        Each read waits at most ``OPEN_TIMEOUT``; past ``OPEN_DEADLINE`` in
+        all, a timer shuts the socket down under whatever read is waiting
+        (the socket itself, so it works under TLS too) and the opening fails
+        with :class:`MigrationTimeout`.
+        """
         conn.timeout = OPEN_TIMEOUT if self.timeout is None else min(self.timeout, OPEN_TIMEOUT)
+        expired = threading.Event()
+        raw = conn.sock
+
+        def expire() -> None:
+            expired.set()
+            try:
+                raw.shutdown(socket.SHUT_RDWR)
+            except OSError:  # already closed
+                pass
+
+        timer = threading.Timer(OPEN_DEADLINE, expire)
+        timer.daemon = True
+        timer.start()
         try:
             if self.tls is not None:
                 conn = secure_server(conn, self.tls, conn.timeout)
@@ -68,9 +93,16 @@ class Intake:
             body = b""
             if header.type in FIRST_FRAMES:
                 body = bytes(conn.recv_exact(P.check_length(header, P.MAX_CONTROL_BODY), f"reading {header.type.name}"))
-        except BaseException:
+        except BaseException as exc:
+            timer.cancel()
             conn.close()
+            if expired.is_set():
+                raise MigrationTimeout(f"a connection took over {OPEN_DEADLINE:g} s to open; dropped") from exc
             raise
+        timer.cancel()
+        if expired.is_set():  # it fired as the last byte came: the socket is shut down
+            conn.close()
+            raise MigrationTimeout(f"a connection took over {OPEN_DEADLINE:g} s to open; dropped")
         conn.timeout = self.timeout
         return conn, header, body
 
