@@ -36,10 +36,15 @@ class Forged:
 
     def hello(self, *, nbytes: int = NBYTES, mode: str = "precopy", state_size: int = P.UNKNOWN_SIZE) -> P.Accept:
         h = P.Hello(P.PROTOCOL_VERSION, 4096, nbytes, mode, "hash", P.FEATURE_POSTCOPY, None, b"\x01" * 16, state_size)
+        self.sent_hello = h
         self.send(P.encode_hello(h))
         header, body = self.read_frame()
         assert header is not None and header.type is P.Frame.ACCEPT
         return P.decode_accept(body)
+
+    def binding(self, state: bytes) -> bytes:
+        """The binding digest an honest source sends for its HELLO and ``state``."""
+        return P.binding_digest(self.sent_hello, state)
 
     def read_frame(self) -> tuple[P.Header | None, bytes]:
         """The next frame from the destination, or (None, b"") at end of stream."""
@@ -251,7 +256,7 @@ def test_wrong_digest_is_a_verification_error(monkeypatch: pytest.MonkeyPatch) -
         f.hello()
         f.send(pages_frame([(0, 1)], b"\x05" * 4096))
         f.send(P.encode_header(P.Frame.STATE, length=2) + b"st")
-        f.send(P.encode_header(P.Frame.COMPLETE, length=16) + b"\xee" * 16)
+        f.send(P.encode_complete(b"\xee" * 16, f.binding(b"st")))
         expect_error_frame(f, P.ErrorCode.VERIFICATION)
 
     err, _, _ = serve_forged(monkeypatch, script, migcore.VerificationError)
@@ -276,7 +281,7 @@ def postcopy_switch(f: Forged, owed_pages: list[int]) -> None:
     for p in owed_pages:
         owed[0] |= np.uint64(1 << p)
     f.send(P.encode_header(P.Frame.STATE, length=1) + b"s")
-    f.send(PW.encode_postcopy(b"\0" * 16, owed))
+    f.send(PW.encode_postcopy(b"\0" * 16, owed, f.binding(b"s")))
     header, _ = f.read_frame()
     assert header is not None and header.type is P.Frame.SWITCHED
 
@@ -284,9 +289,9 @@ def postcopy_switch(f: Forged, owed_pages: list[int]) -> None:
 @pytest.mark.parametrize(
     ("frame", "pattern"),
     [
-        (P.encode_header(P.Frame.POSTCOPY, count=0, length=24) + bytes(24), "POSTCOPY"),
-        (P.encode_header(P.Frame.POSTCOPY, count=3, length=40) + bytes(40), "bitmap of 3 words"),
-        (P.encode_header(P.Frame.POSTCOPY, count=1, length=16) + bytes(16), "POSTCOPY"),
+        (P.encode_header(P.Frame.POSTCOPY, count=0, length=40) + bytes(40), "POSTCOPY"),
+        (P.encode_header(P.Frame.POSTCOPY, count=3, length=56) + bytes(56), "bitmap of 3 words"),
+        (P.encode_header(P.Frame.POSTCOPY, count=1, length=32) + bytes(32), "POSTCOPY"),
         (P.encode_header(P.Frame.POSTCOPY, count=0, length=1 << 40), "POSTCOPY"),
     ],
     ids=["no-bitmap-but-bytes", "wrong-words", "bitmap-missing", "oversized"],
@@ -309,7 +314,7 @@ def test_postcopy_switch_without_a_bitmap_owes_every_page() -> None:
         try:
             f.hello(mode="postcopy")
             f.send(P.encode_header(P.Frame.STATE, length=1) + b"s")
-            f.send(PW.encode_postcopy(b"\0" * 16, None))
+            f.send(PW.encode_postcopy(b"\0" * 16, None, f.binding(b"s")))
             header, _ = f.read_frame()
             assert header is not None and header.type is P.Frame.SWITCHED
             rx.join()
@@ -324,7 +329,7 @@ def test_postcopy_switch_without_a_bitmap_owes_every_page() -> None:
 @pytest.mark.parametrize(
     ("after_switch", "pattern"),
     [
-        (P.encode_header(P.Frame.COMPLETE, length=16) + b"\0" * 16, "unexpected COMPLETE frame during post-copy"),
+        (P.encode_complete(bytes(16), bytes(16)), "unexpected COMPLETE frame during post-copy"),
         (PW.encode_postcopy(b"\0" * 16, np.zeros(1, dtype=np.uint64)), "unexpected POSTCOPY"),
         (pages_frame([(5, 1)], b"\x03" * 4096, flags=P.FLAG_POSTCOPY), "not owed"),
         (pages_frame([(2, 1)], b"\x03" * 4096, flags=P.FLAG_POSTCOPY), "not owed"),  # a second copy
@@ -581,3 +586,35 @@ def test_a_peer_that_drips_its_opening_is_cut_off_by_the_total_deadline(monkeypa
         rx.join()
         assert rx.error is None and rx.received is not None
         assert bytes(rx.received.region.view) == bytes(region.view)
+
+
+@pytest.mark.parametrize("mode", ["precopy", "postcopy"])
+def test_an_altered_state_is_never_committed(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """The binding digest covers the state: a STATE changed on the way fails before commit or switch."""
+
+    def script(f: Forged) -> None:
+        f.hello(mode=mode)
+        if mode == "precopy":
+            f.send(pages_frame([(0, 1)], b"\x05" * 4096))
+        f.send(P.encode_header(P.Frame.STATE, length=2) + b"sT")  # the source sent "st"
+        if mode == "precopy":  # the binding is checked first: the state is what fails, whatever the pages
+            f.send(P.encode_complete(bytes(16), f.binding(b"st")))
+        else:
+            f.send(PW.encode_postcopy(bytes(16), None, f.binding(b"st")))
+        expect_error_frame(f, P.ErrorCode.VERIFICATION)
+
+    err, _, _ = serve_forged(monkeypatch, script, migcore.VerificationError)
+    assert "state" in str(err) and "nothing committed" in str(err)
+
+
+def test_an_altered_hello_field_is_never_committed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the destination acted on (here the region size) must be what the source described."""
+
+    def script(f: Forged) -> None:
+        f.hello(mode="postcopy", nbytes=NBYTES)
+        honest = P.Hello(**{**f.sent_hello.__dict__, "nbytes": NBYTES + 4096})  # what the source really sent
+        f.send(P.encode_header(P.Frame.STATE, length=1) + b"s")
+        f.send(PW.encode_postcopy(bytes(16), None, P.binding_digest(honest, b"s")))
+        expect_error_frame(f, P.ErrorCode.VERIFICATION)
+
+    serve_forged(monkeypatch, script, migcore.VerificationError)

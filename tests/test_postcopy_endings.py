@@ -41,7 +41,7 @@ def page_bytes(rng: np.random.Generator) -> dict[int, bytes]:
 def switch_owing_everything(f: Forged, digest: bytes) -> None:
     f.hello(mode="postcopy")
     f.send(P.encode_header(P.Frame.STATE, length=1) + b"s")
-    f.send(PW.encode_postcopy(digest, PW.all_owed(NPAGES)))
+    f.send(PW.encode_postcopy(digest, PW.all_owed(NPAGES), f.binding(b"s")))
     header, _ = f.read_frame()
     assert header is not None and header.type is P.Frame.SWITCHED
 

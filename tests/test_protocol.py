@@ -168,11 +168,11 @@ def test_runs_payload_counts_the_partial_last_page() -> None:
 
 def test_postcopy_frame() -> None:
     owed = np.array([0b1011, 1 << 3], dtype=np.uint64)
-    raw = PW.encode_postcopy(b"d" * 16, owed)
+    raw = PW.encode_postcopy(b"d" * 16, owed, b"b" * 16)
     h = P.decode_header(raw[: P.HEADER_SIZE])
-    assert h.count == 2 and h.length == 32
-    digest, back = PW.decode_postcopy(raw[P.HEADER_SIZE :], 68)
-    assert digest == b"d" * 16 and np.array_equal(back, owed)
+    assert h.count == 2 and h.length == 48
+    digest, binding, back = PW.decode_postcopy(raw[P.HEADER_SIZE :], 68)
+    assert digest == b"d" * 16 and binding == b"b" * 16 and np.array_equal(back, owed)
     with pytest.raises(ProtocolError, match="past the end"):
         PW.decode_postcopy(raw[P.HEADER_SIZE :], 67)
     with pytest.raises(ProtocolError, match="expected"):
@@ -181,11 +181,11 @@ def test_postcopy_frame() -> None:
 
 @pytest.mark.parametrize("npages", [1, 63, 64, 65, 128, 1000])
 def test_postcopy_frame_owing_every_page_has_no_bitmap(npages: int) -> None:
-    raw = PW.encode_postcopy(b"d" * 16, None)
+    raw = PW.encode_postcopy(b"d" * 16, None, b"b" * 16)
     h = P.decode_header(raw[: P.HEADER_SIZE])
-    assert h.count == 0 and h.length == 16 and len(raw) == P.HEADER_SIZE + 16
-    digest, owed = PW.decode_postcopy(raw[P.HEADER_SIZE :], npages)
-    assert digest == b"d" * 16
+    assert h.count == 0 and h.length == 32 and len(raw) == P.HEADER_SIZE + 32
+    digest, binding, owed = PW.decode_postcopy(raw[P.HEADER_SIZE :], npages)
+    assert digest == b"d" * 16 and binding == b"b" * 16
     bits = np.unpackbits(owed.view(np.uint8), bitorder="little")
     assert len(owed) == -(-npages // 64) and bits[:npages].all() and not bits[npages:].any()
 
@@ -193,9 +193,9 @@ def test_postcopy_frame_owing_every_page_has_no_bitmap(npages: int) -> None:
 def test_postcopy_decodes_into_a_given_bitmap() -> None:
     out = np.full(2, np.uint64(7))
     owed = np.array([0b1011, 1 << 3], dtype=np.uint64)
-    digest, back = PW.decode_postcopy(PW.encode_postcopy(b"d" * 16, owed)[P.HEADER_SIZE :], 68, out=out)
+    _, _, back = PW.decode_postcopy(PW.encode_postcopy(b"d" * 16, owed)[P.HEADER_SIZE :], 68, out=out)
     assert back is out and np.array_equal(out, owed)
-    _, back = PW.decode_postcopy(PW.encode_postcopy(b"d" * 16, None)[P.HEADER_SIZE :], 68, out=out)
+    _, _, back = PW.decode_postcopy(PW.encode_postcopy(b"d" * 16, None)[P.HEADER_SIZE :], 68, out=out)
     assert back is out and out.tolist() == [2**64 - 1, 0b1111]
     with pytest.raises(ValueError, match="words"):
         PW.decode_postcopy(PW.encode_postcopy(b"d" * 16, None)[P.HEADER_SIZE :], 200, out=out)

@@ -21,7 +21,7 @@ import numpy as np
 from migcore import _codecs
 from migcore import _postcopy_wire as PW
 from migcore import _protocol as P
-from migcore._errors import CompatibilityError, MigrationCancelled, MigrationError, ProtocolError
+from migcore._errors import CompatibilityError, MigrationCancelled, MigrationError, ProtocolError, VerificationError
 from migcore._handshake import DestinationOptions, check_hello
 from migcore._page_store import PageStore
 from migcore._peer_errors import error_frame_for, error_from_peer
@@ -244,9 +244,10 @@ class Destination:
         self, header: P.Header, rnd: int, state: bytes, hello: P.Hello, store: PageStore, final: list[U64]
     ) -> Received:
         """COMPLETE: every page arrived; commit only if the whole table matches the source's (rule 2)."""
-        digest = self.read_body(header, P.DIGEST_SIZE, "reading COMPLETE", exact=P.DIGEST_SIZE)
+        body = self.read_body(header, P.COMPLETE_SIZE, "reading COMPLETE", exact=P.COMPLETE_SIZE)
         final = final + self.join_streams(rnd)
-        store.verify(digest)
+        check_binding(body[P.DIGEST_SIZE :], hello, state)
+        store.verify(body[: P.DIGEST_SIZE])
         # the pass of the pause is a round to the source too (its last dirty-page synchronisation)
         self.stats.synced(sum(int(runs[:, 1].sum()) for runs in final), 0)
         self.conn.send_all(P.encode_header(P.Frame.DONE), "sending DONE")
@@ -263,10 +264,11 @@ class Destination:
         words = (npages + 63) // 64
         if header.count not in (0, words):  # 0: no bitmap, every page is owed
             raise ProtocolError(f"POSTCOPY bitmap of {header.count} words, expected {words} (or none)")
-        size = P.DIGEST_SIZE + 8 * header.count
+        size = 2 * P.DIGEST_SIZE + 8 * header.count
         body = self.read_body(header, size, "reading POSTCOPY", exact=size)
-        digest, owed = PW.decode_postcopy(body, npages, out=self.owed)
+        digest, binding, owed = PW.decode_postcopy(body, npages, out=self.owed)
         self.join_streams(rnd)
+        check_binding(binding, hello, state)  # before the switch: the program must not start on a changed state
         # a source in this process would stall behind a thread that faults holding the GIL: no userfaultfd then
         receiver = start_postcopy(store, owed, self.conn, digest, transparent=not _local.is_source(hello.migration_id))
         receiver.hello = hello
@@ -285,6 +287,15 @@ class Destination:
         self.streams.close()
         self.streams = None
         return runs
+
+
+def check_binding(binding: bytes, hello: P.Hello, state: bytes) -> None:
+    """Rule 2 for what is not pages: the HELLO this side acted on and the state it holds are the source's."""
+    if binding != P.binding_digest(hello, state):
+        raise VerificationError(
+            "the state or the migration's description (sizes, mode, compat, id) differ from the source's: "
+            "nothing committed"
+        )
 
 
 def refuse(conn: Connection, field: str, reason: str) -> CompatibilityError:

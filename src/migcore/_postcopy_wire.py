@@ -27,15 +27,15 @@ from migcore._protocol import (
 )
 
 
-def encode_postcopy(digest: bytes, owed: NDArray[np.uint64] | None) -> bytes:
-    """POSTCOPY with the owed bitmap, or (``owed=None``) with none: every page is owed.
+def encode_postcopy(digest: bytes, owed: NDArray[np.uint64] | None, binding: bytes = bytes(DIGEST_SIZE)) -> bytes:
+    """POSTCOPY: the table digest, the binding digest (HELLO and state), then the owed bitmap or none.
 
-    Without the bitmap the frame's size, and the work of the pause on both
-    ends, do not grow with the region.
+    Without the bitmap (``owed=None``) every page is owed, and the frame's
+    size, and the work of the pause on both ends, do not grow with the region.
     """
     if owed is None:
-        return encode_header(Frame.POSTCOPY, count=0, length=len(digest)) + digest
-    body = digest + np.ascontiguousarray(owed, dtype="<u8").tobytes()
+        return encode_header(Frame.POSTCOPY, count=0, length=2 * DIGEST_SIZE) + digest + binding
+    body = digest + binding + np.ascontiguousarray(owed, dtype="<u8").tobytes()
     return encode_header(Frame.POSTCOPY, count=len(owed), length=len(body)) + body
 
 
@@ -50,8 +50,8 @@ def all_owed(npages: int, out: NDArray[np.uint64] | None = None) -> NDArray[np.u
 
 def decode_postcopy(
     body: bytes | bytearray, npages: int, out: NDArray[np.uint64] | None = None
-) -> tuple[bytes, NDArray[np.uint64]]:
-    """Digest and owed bitmap of a POSTCOPY frame; bits past the last page must be clear.
+) -> tuple[bytes, bytes, NDArray[np.uint64]]:
+    """Table digest, binding digest and owed bitmap of a POSTCOPY frame; bits past the last page must be clear.
 
     A body holding only the digest owes every page. ``out`` (``(npages + 63)
     // 64`` words) receives the bitmap, so a receiver can allocate and touch
@@ -62,16 +62,18 @@ def decode_postcopy(
         out = np.empty(words, dtype=np.uint64)
     elif out.shape != (words,) or out.dtype != np.uint64:
         raise ValueError(f"out must be {words} uint64 words")
-    if len(body) == DIGEST_SIZE:
-        return bytes(body), all_owed(npages, out)
-    if len(body) != DIGEST_SIZE + 8 * words:
-        raise ProtocolError(f"POSTCOPY body is {len(body)} bytes, expected {DIGEST_SIZE + 8 * words}")
-    owed = np.frombuffer(body, dtype="<u8", offset=DIGEST_SIZE)
+    head = 2 * DIGEST_SIZE
+    digest, binding = bytes(body[:DIGEST_SIZE]), bytes(body[DIGEST_SIZE:head])
+    if len(body) == head:
+        return digest, binding, all_owed(npages, out)
+    if len(body) != head + 8 * words:
+        raise ProtocolError(f"POSTCOPY body is {len(body)} bytes, expected {head + 8 * words}")
+    owed = np.frombuffer(body, dtype="<u8", offset=head)
     tail = npages % 64
     if tail and int(owed[-1]) >> tail:
         raise ProtocolError("POSTCOPY owes pages past the end of the region")
     out[:] = owed
-    return bytes(body[:DIGEST_SIZE]), out
+    return digest, binding, out
 
 
 def encode_recover(hello: Hello) -> bytes:

@@ -28,9 +28,10 @@ Frames, in order (S = source, D = destination)::
     ... more rounds ...
     S PAGES*    the last dirty pages (during the pause)
     S STATE     the state blob
-    S COMPLETE  digest of the source's final hash table   D DONE   (or ERROR)
+    S COMPLETE  digest of the source's final hash table + binding digest
+                (HELLO and state)                          D DONE   (or ERROR)
   or
-    S POSTCOPY  digest + bitmap of the pages still owed   D SWITCHED
+    S POSTCOPY  digest + binding digest + bitmap of the pages still owed   D SWITCHED
                 (no bitmap, count 0: every page is owed, as in pure post-copy)
     S PAGES*    owed pages (background)   D DEMAND* runs wanted now
     S END                                 D DONE   (or ERROR)
@@ -70,7 +71,8 @@ MAGIC = b"MIGC"
 #: 2: token authentication, streams and codec in HELLO, compressed and delta PAGES.
 #: 3: post-copy zero notices (PAGES with FLAG_ZERO).
 #: 4: POSTCOPY without a bitmap (count 0) when every page is owed.
-PROTOCOL_VERSION = 4
+#: 5: COMPLETE and POSTCOPY carry the binding digest of the HELLO and the state.
+PROTOCOL_VERSION = 5
 
 HEADER = struct.Struct("<BBHIQ")
 HEADER_SIZE = HEADER.size  # 16
@@ -87,6 +89,8 @@ DEFAULT_MAX_STATE = 64 << 20
 #: ``state_size`` in HELLO when the source does not know it yet (a callable state).
 UNKNOWN_SIZE = (1 << 64) - 1
 DIGEST_SIZE = 16
+#: COMPLETE's body: the table digest, then the binding digest.
+COMPLETE_SIZE = 2 * DIGEST_SIZE
 
 #: Feature bits a HELLO may ask for.
 FEATURE_POSTCOPY = 1
@@ -455,6 +459,20 @@ def runs_payload(runs: NDArray[np.uint64], page_size: int, nbytes: int) -> int:
 
 
 # -- post-copy switchover --------------------------------------------------
+
+
+def binding_digest(hello: Hello, state: bytes) -> bytes:
+    """128-bit digest of everything but the pages the program will see: the HELLO (sizes, mode, compat, id) and the state.
+
+    COMPLETE and POSTCOPY carry it beside the table digest, so the commit
+    (or the switch) covers every byte that reaches the program, not only
+    the pages. Both ends compute it from the canonical encoding of the HELLO.
+    """
+    return xxhash.xxh3_128_digest(encode_hello(hello) + state)
+
+
+def encode_complete(digest: bytes, binding: bytes) -> bytes:
+    return encode_header(Frame.COMPLETE, length=COMPLETE_SIZE) + digest + binding
 
 
 def table_digest(table: NDArray[np.uint64]) -> bytes:

@@ -68,6 +68,9 @@ class SocketLink(SourceLink):
         self.postcopy_bucket = TokenBucket(postcopy_bandwidth_limit) if postcopy_bandwidth_limit else None
         self.progress = progress
         self.accept: P.Accept | None = None
+        self.hello: P.Hello | None = None
+        #: the binding digest (HELLO and state) that COMPLETE or POSTCOPY carries
+        self.binding = bytes(P.DIGEST_SIZE)
         self.senders: StreamSenders | None = None
 
     # -- frames --------------------------------------------------------------
@@ -114,6 +117,7 @@ class SocketLink(SourceLink):
         return header
 
     def open(self, hello: P.Hello) -> P.Accept:
+        self.hello = hello
         header = self.ask(P.encode_hello(hello), P.Frame.ACCEPT, "HELLO")
         accept = P.decode_accept(self.read_body(header, P.MAX_CONTROL_BODY, "reading ACCEPT"))
         if accept.features & hello.features != hello.features:
@@ -223,16 +227,18 @@ class SocketLink(SourceLink):
             self.senders.finish()
 
     def send_state(self, state: bytes) -> None:
+        assert self.hello is not None
+        self.binding = P.binding_digest(self.hello, state)
         self.send_frame(P.encode_header(P.Frame.STATE, length=len(state)) + state, "sending the state")
 
     def commit(self, digest: bytes) -> None:
-        self.send_frame(P.encode_header(P.Frame.COMPLETE, length=len(digest)) + digest, "sending COMPLETE")
+        self.send_frame(P.encode_complete(digest, self.binding), "sending COMPLETE")
 
     def confirm_commit(self) -> None:
         self.expect_reply((P.Frame.DONE,), "waiting for the destination to commit")
 
     def switch(self, digest: bytes, owed: U64 | None) -> None:
-        self.send_frame(PW.encode_postcopy(digest, owed), "sending POSTCOPY")
+        self.send_frame(PW.encode_postcopy(digest, owed, self.binding), "sending POSTCOPY")
 
     def confirm_switch(self) -> None:
         self.expect_reply((P.Frame.SWITCHED,), "waiting for the destination to switch to post-copy")
