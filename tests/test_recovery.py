@@ -21,7 +21,7 @@ import pytest
 import migcore
 from migcore import _postcopy_wire as PW
 from migcore import _protocol as P
-from migcore import _source
+from migcore import _recoverable
 
 from _certs import make_pki
 from _live import Receiver, Writer, random_region, wait_status
@@ -192,12 +192,12 @@ def test_recovery_refusals_change_nothing() -> None:
         other = migcore.Region(bytearray(region.nbytes + 4096))
         with pytest.raises(migcore.MigrationError, match="changed"):  # this process knows what it paused
             migcore.recover(other, listener.address, err.migration_id, timeout=TIMEOUT, compat="v1")
-        known = _source._RECOVERABLE.pop(bytes.fromhex(err.migration_id))
+        known = _recoverable.PAUSED.pop(bytes.fromhex(err.migration_id))
         try:  # as from another process: the destination refuses the size
             with pytest.raises(migcore.CompatibilityError, match="nbytes"):
                 migcore.recover(other, listener.address, err.migration_id, timeout=TIMEOUT, compat="v1")
         finally:
-            _source._RECOVERABLE[bytes.fromhex(err.migration_id)] = known
+            _recoverable.PAUSED[bytes.fromhex(err.migration_id)] = known
         with pytest.raises(ValueError, match="hex"):
             migcore.recover(region, listener.address, "not-an-id", timeout=TIMEOUT)
         assert received.stats.status == "postcopy-paused" and received.missing_pages == missing

@@ -17,7 +17,6 @@ push (``_postcopy_push``) after a switch.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from migcore import _control, _kernels, _local, _passes, _residency
+from migcore import _control, _kernels, _local, _passes, _recoverable, _residency
 from migcore import _protocol as P
 from migcore._convergence import Action, Convergence
 from migcore._delta import DEFAULT_CACHE_BYTES
@@ -49,11 +48,6 @@ log = logging.getLogger("migcore")
 PROGRESS_INTERVAL = 0.1
 #: Rows of the runs table one batch is cut from.
 BATCH_RUNS = 256
-
-#: Post-copy migrations of this process that lost their link after the switch: id -> the digest of the
-#: source's whole table at the pause, so a recovery can tell that the buffer is still the same.
-_RECOVERABLE: dict[bytes, bytes] = {}
-_RECOVERABLE_LOCK = threading.Lock()
 
 
 #: Builds the migration's link once the engine has its statistics and its progress callback.
@@ -458,8 +452,7 @@ class Source:
         try:
             push.run(count)
         except (PeerLostError, MigrationTimeout) as exc:
-            with _RECOVERABLE_LOCK:
-                _RECOVERABLE[self.mid] = _passes.frozen_digest(self.region)
+            _recoverable.remember(self.mid, _passes.frozen_digest(self.region))
             if isinstance(exc, MigrationTimeout):
                 raise
             # the destination confirms post-copy pages only all at once (DONE): every page owed at
@@ -480,13 +473,7 @@ class Source:
         _local.add_source(self.mid)
         try:
             digest = _passes.frozen_digest(self.region)
-            with _RECOVERABLE_LOCK:
-                known = _RECOVERABLE.get(self.mid)
-            if known is not None and known != digest:
-                raise MigrationError(
-                    f"the buffer changed since migration {self.mid.hex()} paused: recovering would hand the "
-                    "destination bytes the program never had at its pause"
-                )
+            _recoverable.check_unchanged(self.mid, digest)
             self.switched = True  # the program lives on the destination: a failure never resumes it here
             self.link = self.open_link(self.region, self.stats, self.report)
             owed = self.link.recover(self.hello())
@@ -500,8 +487,7 @@ class Source:
             self.stats.completed()
             self.link.close()
             self.report(force=True)
-            with _RECOVERABLE_LOCK:
-                _RECOVERABLE.pop(self.mid, None)
+            _recoverable.forget(self.mid)
             log.info("source: migration %s recovered and completed", self.mid.hex())
         except BaseException as exc:
             self.fail(self.link.cause(exc) if self.link is not None else exc)
