@@ -1,4 +1,4 @@
-"""A loopback TCP proxy that forwards both ways and cuts the link after N source-to-destination bytes."""
+"""A loopback TCP proxy that forwards both ways, cuts the link after N source-to-destination bytes, or alters them."""
 
 from __future__ import annotations
 
@@ -9,10 +9,13 @@ import threading
 class CutProxy:
     """Accepts one connection, forwards it to ``target`` and cuts both sides after ``cut_after`` bytes."""
 
-    def __init__(self, target: str, cut_after: int | None) -> None:
+    def __init__(self, target: str, cut_after: int | None, *, alter: tuple[bytes, bytes] | None = None) -> None:
         host, port = target.removeprefix("tcp://").rsplit(":", 1)
         self.target = (host, int(port))
         self.cut_after = cut_after
+        #: (marker, replacement) of the same length, replaced in the source's bytes wherever it appears
+        self.alter = alter
+        self.altered = 0
         self.forwarded = 0
         self.cut = threading.Event()
         self.server = socket.create_server(("127.0.0.1", 0))
@@ -46,12 +49,24 @@ class CutProxy:
             self._threads.append(t)
 
     def _pump(self, src: socket.socket, dst: socket.socket, counted: bool) -> None:
+        held = b""  # the tail that may hold the start of a marker split across two reads
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
+                    if held:
+                        dst.sendall(held)
                     dst.shutdown(socket.SHUT_WR)
                     return
+                if counted and self.alter is not None:
+                    marker, replacement = self.alter
+                    data = held + data
+                    self.altered += data.count(marker)
+                    data = data.replace(marker, replacement)
+                    # hold back only a tail that could start the marker (the rest must flow: the peer waits)
+                    keep = next((k for k in range(min(len(marker) - 1, len(data)), 0, -1)
+                                 if marker.startswith(data[-k:])), 0)
+                    data, held = data[: len(data) - keep], data[len(data) - keep :]
                 if counted and self.cut_after is not None:
                     room = self.cut_after - self.forwarded
                     if len(data) >= room:
