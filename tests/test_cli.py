@@ -598,3 +598,24 @@ def test_help_documents_every_exit_status_and_the_readme_too() -> None:
     said = " ".join(proc.stdout.split())
     for status, meaning in EXIT_MEANINGS.items():
         assert f"{int(status)} {' '.join(meaning.split())}" in said, proc.stdout
+
+
+def test_each_extra_brings_the_module_migcore_asks_for() -> None:
+    """migcore._extras.EXTRAS (module -> extra) agrees with the installed metadata's optional dependencies."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    from migcore._extras import EXTRAS
+
+    by_extra: dict[str, set[str]] = {}
+    core: set[str] = set()
+    for text in requires("migcore") or []:
+        req = Requirement(text)
+        extras = [e for e in EXTRAS.values() if req.marker is not None and req.marker.evaluate({"extra": e})]
+        for extra in extras or [""]:
+            (by_extra.setdefault(extra, set()) if extra else core).add(req.name.lower())
+    for module, extra in EXTRAS.items():  # each of these packages is imported under its own name
+        assert module in by_extra.get(extra, set()), (module, extra)
+        assert module not in core, f"{module} is a core dependency: an embedding program should not need it"
+    assert core >= {"numpy", "xxhash"}
