@@ -619,3 +619,39 @@ def test_each_extra_brings_the_module_migcore_asks_for() -> None:
         assert module in by_extra.get(extra, set()), (module, extra)
         assert module not in core, f"{module} is a core dependency: an embedding program should not need it"
     assert core >= {"numpy", "xxhash"}
+
+
+CORE_ONLY = textwrap.dedent(
+    """
+    import importlib.abc, os, sys, threading
+
+    class Missing(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.partition(".")[0] in ("rich", "zstandard", "lz4", "matplotlib"):
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+            return None
+
+    sys.meta_path.insert(0, Missing())
+    import migcore
+
+    data = bytearray(os.urandom(1 << 20))
+    got = []
+    with migcore.listen("tcp://127.0.0.1:0") as listener:
+        t = threading.Thread(target=lambda: got.append(listener.receive(timeout=30)))
+        t.start()
+        stats = migcore.migrate(data, listener.address, timeout=30)
+        t.join(30)
+    got[0].wait(timeout=30)
+    assert bytes(got[0].region.view) == bytes(data) and stats.status == "completed"
+    try:
+        migcore.migrate(data, "tcp://127.0.0.1:9", compress="zstd", timeout=5)
+    except ValueError as exc:
+        print(exc)
+    """
+)
+
+
+def test_the_library_migrates_without_any_extra() -> None:
+    proc = subprocess.run([sys.executable, "-c", CORE_ONLY], capture_output=True, text=True, timeout=120, env=ENV)
+    assert proc.returncode == 0, proc.stderr
+    assert "pip install 'migcore[zstd]'" in proc.stdout
