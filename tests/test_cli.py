@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
+import json
 import math
 import os
 import re
@@ -655,3 +657,73 @@ def test_the_library_migrates_without_any_extra() -> None:
     proc = subprocess.run([sys.executable, "-c", CORE_ONLY], capture_output=True, text=True, timeout=120, env=ENV)
     assert proc.returncode == 0, proc.stderr
     assert "pip install 'migcore[zstd]'" in proc.stdout
+
+
+# ---- machine-readable results ---------------------------------------------------------------------
+
+
+def json_lines(text: str) -> list[dict[str, object]]:
+    """Every line of ``text`` is one JSON object (nothing else is on stdout under --json)."""
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_send_and_receive_print_their_stats_as_json(
+    tmp_path: Path, writer: tuple[subprocess.Popen[str], Path]
+) -> None:
+    wproc, path = writer
+    recv = subprocess.Popen(
+        [sys.executable, "-m", "migcore", "receive", "tcp://127.0.0.1:0", "--out", str(tmp_path / "out.bin"),
+         "--timeout", "60", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    try:
+        assert recv.stderr is not None
+        line = recv.stderr.readline()  # under --json the address goes to stderr: stdout is JSON only
+        assert line.startswith("listening on tcp://"), line
+        send = run_cli(
+            "send", str(path), line.split()[-1], "--pause-signal", str(wproc.pid), "--timeout", "60",
+            "--compress", "zstd", "--json", "--progress-json",
+        )  # fmt: skip
+        assert send.returncode == 0, send.stdout + send.stderr
+        out, err = recv.communicate(timeout=60)
+    finally:
+        if recv.poll() is None:
+            recv.kill()
+            recv.communicate()
+    assert recv.returncode == 0, out + err
+    assert (tmp_path / "out.bin").read_bytes() == path.read_bytes()
+    lines = json_lines(send.stdout)
+    *progress, sent = lines
+    assert progress and all(p["event"] == "progress" for p in progress)
+    moved = [int(str(p["transferred_bytes"])) for p in progress]
+    assert moved == sorted(moved)  # snapshots in order, one per line
+    assert sent["event"] == "result" and sent["status"] == "completed" and sent["verified"] is True
+    assert sent["total_bytes"] == path.stat().st_size and sent["compress"] == "zstd"
+    fields = {f.name for f in dataclasses.fields(MigrationStats)}
+    assert fields <= set(sent) and fields <= set(progress[0])
+    assert isinstance(sent["downtime"], float) and 0 < sent["downtime"] < sent["total_time"]  # seconds
+    (received,) = json_lines(out)
+    assert received["event"] == "result" and received["status"] == "completed"
+    assert received["total_bytes"] == path.stat().st_size and received["out"] == str(tmp_path / "out.bin")
+
+
+def test_demo_prints_one_json_object_and_a_failure_is_json_too() -> None:
+    proc = run_cli("demo", "--size", "2MiB", "--dirty-rate", "1MiB/s", "--warmup", "0.05", "--json", "--mode", "postcopy")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (result,) = json_lines(proc.stdout)
+    assert result["identical"] is True and result["first_difference"] is None and result["mode"] == "postcopy"
+    assert result["total_bytes"] == 2 << 20 and result["status"] == "completed"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    failed = run_cli("send", "/dev/null", f"tcp://127.0.0.1:{dead}", "--json")
+    (answer,) = json_lines(failed.stdout)
+    assert answer == {"event": "result", "status": "failed", "error": answer["error"], "exit_status": 3}
+    assert "PATH /dev/null" in str(answer["error"])
+
+
+def test_readme_documents_every_json_field() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### Machine-readable output", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `(\w+)` \|", section, re.M))
+    assert {f.name for f in dataclasses.fields(MigrationStats)} | {"event"} <= documented

@@ -26,7 +26,7 @@ from rich.console import Console
 
 import migcore
 from migcore.cli.common import add_auth_options, add_output_options, check_listen, tls_context, token
-from migcore.cli.display import logger, print_json, stats_record, stats_table
+from migcore.cli.display import JsonProgress, logger, print_json, stats_record, stats_table
 from migcore.cli.errors import CommandError, Exit, address_error, file_error
 from migcore.cli.units import format_size, parse_duration, parse_size
 
@@ -79,7 +79,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
         listening = f"listening on {listener.address}"
         print(listening, file=sys.stderr if args.json or args.progress_json else sys.stdout, flush=True)
         received = _receive_one(args, listener)
-        complete, why = _wait(args, console, received)
+        progress = JsonProgress() if args.progress_json else None
+        complete, why = _wait(args, console, received, progress)
     try:
         where = _write_out(args.out, received, complete)
     except OSError as exc:
@@ -110,11 +111,14 @@ def _room_for(out: Path) -> int | str:
     return room
 
 
-def _wait(args: argparse.Namespace, console: Console, received: migcore.Received) -> tuple[bool, str]:
+def _wait(
+    args: argparse.Namespace, console: Console, received: migcore.Received, progress: JsonProgress | None
+) -> tuple[bool, str]:
     """Until every post-copy page arrived (True), or the program gave the missing ones up (False, and why).
 
     A paused reception waits for its source to recover; it is given up only
-    after ``--abandon-after`` seconds paused, or on Ctrl-C.
+    after ``--abandon-after`` seconds paused, or on Ctrl-C. ``progress`` gets
+    a snapshot every half second while pages are still owed.
     """
     paused_since: float | None = None
     try:
@@ -123,7 +127,8 @@ def _wait(args: argparse.Namespace, console: Console, received: migcore.Received
                 received.wait(timeout=0.5)
                 return True, ""
             except migcore.MigrationTimeout:
-                pass
+                if progress is not None:
+                    progress(received.stats)
             except migcore.MigrationError as exc:
                 return False, f"post-copy failed after the switchover: {exc}"
             if received.stats.status != "postcopy-paused":
