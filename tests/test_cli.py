@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
+import json
 import math
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -18,7 +22,9 @@ import pytest
 from rich.console import Console
 
 from migcore import MigrationStats, cli
+from migcore.cli import display, units
 from migcore.cli import send as cli_send
+from migcore.cli.demo import first_difference
 
 ENV = {**os.environ, "COLUMNS": "120", "PYTHONUNBUFFERED": "1"}
 
@@ -44,13 +50,13 @@ ENV = {**os.environ, "COLUMNS": "120", "PYTHONUNBUFFERED": "1"}
     ],
 )
 def test_parse_size(text: str, expected: int) -> None:
-    assert cli.parse_size(text) == expected
+    assert units.parse_size(text) == expected
 
 
 @pytest.mark.parametrize("text", ["", "MiB", "-1", "1.5", "0.1KiB", "12 parsecs", "1e6", "0x10"])
 def test_parse_size_rejects(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError):
-        cli.parse_size(text)
+        units.parse_size(text)
 
 
 @pytest.mark.parametrize(
@@ -67,33 +73,33 @@ def test_parse_size_rejects(text: str) -> None:
     ],
 )
 def test_parse_rate(text: str, expected: float) -> None:
-    assert cli.parse_rate(text) == expected
+    assert units.parse_rate(text) == expected
 
 
 @pytest.mark.parametrize("text", ["fast", "-1MiB/s", "/s"])
 def test_parse_rate_rejects(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError):
-        cli.parse_rate(text)
+        units.parse_rate(text)
 
 
 @pytest.mark.parametrize(
     ("text", "expected"), [("0.3", 0.3), ("0.3s", 0.3), ("300ms", 0.3), ("2", 2.0), ("1m", 60.0), (".5", 0.5)]
 )
 def test_parse_duration(text: str, expected: float) -> None:
-    assert cli.parse_duration(text) == pytest.approx(expected)
+    assert units.parse_duration(text) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("text", ["", "soon", "-1", "3h"])
 def test_parse_duration_rejects(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError):
-        cli.parse_duration(text)
+        units.parse_duration(text)
 
 
 def test_format_size() -> None:
-    assert cli.format_size(512) == "512 B"
-    assert cli.format_size(64 << 20) == "64.0 MiB"
-    assert cli.format_rate(math.inf) == "unbounded"
-    assert cli.format_rate(20 << 20) == "20.0 MiB/s"
+    assert units.format_size(512) == "512 B"
+    assert units.format_size(64 << 20) == "64.0 MiB"
+    assert units.format_rate(math.inf) == "unbounded"
+    assert units.format_rate(20 << 20) == "20.0 MiB/s"
 
 
 def test_parser_defaults_and_errors(capsys: pytest.CaptureFixture[str]) -> None:
@@ -113,10 +119,10 @@ def test_parser_defaults_and_errors(capsys: pytest.CaptureFixture[str]) -> None:
 def test_first_difference() -> None:
     a = bytearray(100_000)
     b = bytearray(100_000)
-    assert cli.first_difference(memoryview(a), memoryview(b), chunk=4096) is None
+    assert first_difference(memoryview(a), memoryview(b), chunk=4096) is None
     b[70_001] = 1
-    assert cli.first_difference(memoryview(a), memoryview(b), chunk=4096) == 70_001
-    assert cli.first_difference(memoryview(a), memoryview(b[:10])) == 10
+    assert first_difference(memoryview(a), memoryview(b), chunk=4096) == 70_001
+    assert first_difference(memoryview(a), memoryview(b[:10])) == 10
 
 
 # ---- demo -------------------------------------------------------------------------------------
@@ -256,17 +262,12 @@ def test_failure_after_the_pause_resumes_the_writer(
     assert (tmp_path / "out.bin").read_bytes() == path.read_bytes()
 
 
-def test_send_refuses_a_missing_file(tmp_path: Path) -> None:
-    proc = run_cli("send", str(tmp_path / "nope"), "tcp://127.0.0.1:9")
-    assert proc.returncode == 2
-
-
 # ---- progress bars ---------------------------------------------------------------------------
 
 
 def bars(snapshots: list[MigrationStats]) -> list[tuple[str, float, float | None]]:
     console = Console(file=io.StringIO())
-    progress = cli.RoundProgress(console, enabled=False)
+    progress = display.RoundProgress(console, enabled=False)
     with progress:
         for snap in snapshots:
             progress(snap)
@@ -307,7 +308,7 @@ def test_postcopy_and_stopcopy_bars() -> None:
 
 def test_receive_refuses_an_out_file_it_cannot_write(tmp_path: Path) -> None:
     proc = run_cli("receive", "tcp://127.0.0.1:0", "--out", str(tmp_path / "no" / "such" / "dir" / "x"), timeout=30)
-    assert proc.returncode == 2 and "does not exist" in proc.stderr
+    assert proc.returncode == 3 and "--out" in proc.stderr and "does not exist" in proc.stderr
     assert "listening" not in proc.stdout  # refused before anything could be accepted
 
 
@@ -380,3 +381,365 @@ def test_send_waits_for_a_receiver_that_starts_later(tmp_path: Path) -> None:
     assert send.returncode == 0, out + err
     assert recv.returncode == 0, recv.stdout + recv.stderr
     assert (tmp_path / "out.bin").read_bytes() == path.read_bytes()
+# ---- failures an operator can act on ----------------------------------------------------------
+
+KEYWORD_FORMS = re.compile(r"\b(tls|token|insecure|streams|mode|compress|max_bytes|on_stall|delta)=")
+
+
+def assert_one_line(proc: subprocess.CompletedProcess[str], status: int, *named: str) -> str:
+    """The command failed with ``status`` and exactly one line on stderr naming each of ``named``."""
+    assert proc.returncode == status, proc.stdout + proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    (line,) = lines
+    assert line.startswith(("migcore ", "migcore:")), line
+    assert "Traceback" not in proc.stderr
+    for what in named:
+        assert what in line, line
+    assert not KEYWORD_FORMS.search(line), line  # flags, not the library's keyword arguments
+    return line
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+@pytest.fixture
+def stopped_writer() -> Iterator[int]:
+    """A process to name in --pause-signal, so send prints no warning about its absence."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_port_in_use_is_named(busy_port: int) -> None:
+    proc = run_cli("receive", f"tcp://127.0.0.1:{busy_port}", "--timeout", "5", timeout=30)
+    assert_one_line(proc, 4, f"ADDRESS tcp://127.0.0.1:{busy_port}", "already in use")
+
+
+def test_a_missing_token_file_is_named(tmp_path: Path) -> None:
+    region = tmp_path / "r.bin"
+    region.write_bytes(b"x" * 4096)
+    missing = tmp_path / "no-token"
+    for args in (["send", str(region), "tcp://127.0.0.1:9"], ["receive", "tcp://127.0.0.1:0"]):
+        proc = run_cli(*args, "--token-file", str(missing), timeout=30)
+        assert_one_line(proc, 3, f"--token-file {missing}", "no such file")
+    empty = tmp_path / "empty-token"
+    empty.write_bytes(b"\n")
+    assert_one_line(run_cli("receive", "tcp://127.0.0.1:0", "--token-file", str(empty)), 3, "--token-file", "empty")
+
+
+@pytest.mark.parametrize(
+    ("command", "flag"),
+    [("send", "--tls-ca"), ("send", "--tls-cert"), ("receive", "--tls-ca"), ("receive", "--tls-cert"),
+     ("receive", "--tls-key")],
+)  # fmt: skip
+def test_a_missing_or_broken_tls_file_is_named(tmp_path: Path, command: str, flag: str) -> None:
+    region = tmp_path / "r.bin"
+    region.write_bytes(b"x" * 4096)
+    where = [str(region), "tcp://127.0.0.1:9"] if command == "send" else ["tcp://127.0.0.1:0"]
+    pem = tmp_path / "x.pem"
+    proc = run_cli(command, *where, flag, str(pem), timeout=30)
+    assert_one_line(proc, 3, f"{flag} {pem}", "no such file")
+    pem.write_text("not a certificate\n")
+    others = [] if flag == "--tls-cert" else ["--tls-cert", str(pem)]
+    proc = run_cli(command, *where, flag, str(pem), *others, timeout=30)
+    assert_one_line(proc, 3, "PEM")
+
+
+@pytest.mark.parametrize("address", ["http://127.0.0.1:7000", "tcp://127.0.0.1", "127.0.0.1:7000", "tcp://h:99999"])
+def test_an_address_that_is_not_migcore_s_is_named(tmp_path: Path, address: str) -> None:
+    region = tmp_path / "r.bin"
+    region.write_bytes(b"x" * 4096)
+    assert_one_line(run_cli("send", str(region), address), 2, f"ADDRESS {address}")
+    assert_one_line(run_cli("receive", address), 2, f"ADDRESS {address}")
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--streams", "2", "--mode", "postcopy"], ["--streams", "--mode"]),
+        (["--delta", "--mode", "stopcopy"], ["--delta", "--mode"]),
+        (["--postcopy-bandwidth-limit", "1MiB/s"], ["--postcopy-bandwidth-limit"]),
+        (["--streams", "abc"], ["--streams", "invalid int"]),
+        (["--streams", "100"], ["--streams"]),
+        (["--max-rounds", "0"], ["--max-rounds"]),
+        (["--page-size", "3000"], ["--page-size"]),
+        (["--downtime-limit", "soon"], ["--downtime-limit"]),
+        (["--bandwidth-limit", "fast"], ["--bandwidth-limit"]),
+        (["--token", "a", "--token-file", "b"], ["--token", "--token-file"]),
+        (["--tracker", "writes"], ["--tracker writes"]),
+        (["--mode", "precpy"], ["--mode", "precpy"]),
+    ],
+)
+def test_a_refused_flag_is_named(tmp_path: Path, flags: list[str], named: list[str]) -> None:
+    region = tmp_path / "r.bin"
+    region.write_bytes(b"x" * 4096)
+    assert_one_line(run_cli("send", str(region), "tcp://127.0.0.1:9", *flags), 2, *named)
+
+
+def test_a_file_address_refuses_what_it_cannot_carry_by_flag(tmp_path: Path) -> None:
+    region = tmp_path / "r.bin"
+    region.write_bytes(b"x" * 4096)
+    proc = run_cli("send", str(region), f"file://{tmp_path}/image", "--compress", "lz4", "--streams", "2")
+    assert_one_line(proc, 2, "file://", "--compress", "--streams")
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [(["--size", "lots"], ["--size", "not a size"]), (["--size", "1T"], ["--size", "memory"]),
+     (["--random-fraction", "2"], ["--random-fraction"])],
+)  # fmt: skip
+def test_demo_refuses_bad_numbers_and_a_region_too_large_for_memory(flags: list[str], named: list[str]) -> None:
+    assert_one_line(run_cli("demo", *flags), 2, *named)
+
+
+def test_receive_refuses_a_public_address_without_authentication_by_flag() -> None:
+    proc = run_cli("receive", "tcp://0.0.0.0:0", "--timeout", "1")
+    assert_one_line(proc, 2, "--insecure", "--token", "--tls-cert")
+
+
+def test_receive_refuses_a_region_larger_than_it_can_hold(
+    tmp_path: Path, stopped_writer: int
+) -> None:
+    recv = subprocess.Popen(
+        [sys.executable, "-m", "migcore", "receive", "tcp://127.0.0.1:0", "--max-bytes", "64KiB", "--timeout", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    try:
+        assert recv.stdout is not None
+        address = recv.stdout.readline().split()[-1]
+        region = tmp_path / "big.bin"
+        region.write_bytes(os.urandom(1 << 20))
+        proc = run_cli("send", str(region), address, "--pause-signal", str(stopped_writer), "--timeout", "10")
+        line = assert_one_line(proc, 1, "migration failed", "--max-bytes")
+        assert "migration failed" not in proc.stdout
+        assert not cli_send.process_stopped(stopped_writer), line  # refused at the handshake: never paused
+    finally:
+        recv.kill()
+        recv.communicate()
+
+
+@pytest.mark.parametrize("kind", ["missing", "folder", "empty", "unreadable"])
+def test_an_unusable_path_is_named(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / kind
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "unreadable":
+        if os.geteuid() == 0:
+            pytest.skip("root reads every file: a mode-000 file is readable")
+        path.write_bytes(b"x" * 4096)
+        path.chmod(0)
+    assert_one_line(run_cli("send", str(path), "tcp://127.0.0.1:9"), 3, f"PATH {path}")
+
+
+def test_a_failed_migration_is_one_line_on_stderr_with_its_traceback_under_v(
+    tmp_path: Path, busy_port: int, stopped_writer: int
+) -> None:
+    region = tmp_path / "r.bin"
+    region.write_bytes(b"x" * 4096)
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    args = ["send", str(region), f"tcp://127.0.0.1:{dead}", "--pause-signal", str(stopped_writer), "--timeout", "5"]
+    proc = run_cli(*args, "--no-progress")
+    assert_one_line(proc, 1, "migration failed", f"127.0.0.1:{dead}")
+    assert "migration failed" not in proc.stdout
+    verbose = run_cli(*args, "-v")
+    assert verbose.returncode == 1
+    assert "Traceback" in verbose.stderr and verbose.stderr.rstrip().splitlines()[-1].startswith("migcore send:")
+
+
+def test_logs_are_whole_lines_when_stderr_is_not_a_terminal(tmp_path: Path) -> None:
+    region = tmp_path / ("a-long-name-" * 12 + ".bin")
+    region.write_bytes(b"x" * 4096)
+    proc = run_cli("send", str(region), "tcp://127.0.0.1:9", "--timeout", "1")
+    warning = [line for line in proc.stderr.splitlines() if "--pause-signal" in line]
+    assert len(warning) == 1 and str(region) in warning[0], proc.stderr  # not wrapped at 80 columns
+
+
+BLOCK = textwrap.dedent(
+    """
+    import importlib.abc, sys
+
+    class Missing(importlib.abc.MetaPathFinder):
+        '''Pretend the packages named in argv[1] are not installed.'''
+
+        def find_spec(self, name, path=None, target=None):
+            if name.partition(".")[0] in sys.argv[1].split(","):
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+            return None
+
+    sys.meta_path.insert(0, Missing())
+    from migcore.cli import main
+    sys.exit(main(sys.argv[2:]))
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("missing", "args", "extra"),
+    [
+        ("rich", ["demo"], "migcore[cli]"),
+        ("zstandard", ["demo", "--size", "1MiB", "--compress", "zstd", "--no-progress"], "migcore[zstd]"),
+        ("lz4", ["demo", "--size", "1MiB", "--compress", "lz4", "--no-progress"], "migcore[lz4]"),
+        ("matplotlib", ["bench", "--quick", "--out", "{tmp}"], "migcore[bench]"),
+    ],
+)
+def test_a_missing_extra_is_named(tmp_path: Path, missing: str, args: list[str], extra: str) -> None:
+    argv = [a.format(tmp=tmp_path) for a in args]
+    proc = subprocess.run(
+        [sys.executable, "-c", BLOCK, missing, *argv], capture_output=True, text=True, timeout=120, env=ENV
+    )
+    line = assert_one_line(proc, 5, extra, repr(missing))
+    assert "--compress" in line or missing in ("rich", "matplotlib")
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_help_documents_every_exit_status_and_the_readme_too() -> None:
+    from migcore.cli.errors import EXIT_MEANINGS
+
+    proc = run_cli("--help")
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme.split("## Command line", 1)[1].split("\n## ", 1)[0]
+    rows = dict(re.findall(r"^\| (\d+) \| (.+) \|$", table, re.M))
+    assert rows == {str(int(status)): meaning for status, meaning in EXIT_MEANINGS.items()}
+    said = " ".join(proc.stdout.split())
+    for status, meaning in EXIT_MEANINGS.items():
+        assert f"{int(status)} {' '.join(meaning.split())}" in said, proc.stdout
+
+
+def test_each_extra_brings_the_module_migcore_asks_for() -> None:
+    """migcore._extras.EXTRAS (module -> extra) agrees with the installed metadata's optional dependencies."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    from migcore._extras import EXTRAS
+
+    by_extra: dict[str, set[str]] = {}
+    core: set[str] = set()
+    for text in requires("migcore") or []:
+        req = Requirement(text)
+        extras = [e for e in EXTRAS.values() if req.marker is not None and req.marker.evaluate({"extra": e})]
+        for extra in extras or [""]:
+            (by_extra.setdefault(extra, set()) if extra else core).add(req.name.lower())
+    for module, extra in EXTRAS.items():  # each of these packages is imported under its own name
+        assert module in by_extra.get(extra, set()), (module, extra)
+        assert module not in core, f"{module} is a core dependency: an embedding program should not need it"
+    assert core >= {"numpy", "xxhash"}
+
+
+CORE_ONLY = textwrap.dedent(
+    """
+    import importlib.abc, os, sys, threading
+
+    class Missing(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.partition(".")[0] in ("rich", "zstandard", "lz4", "matplotlib"):
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+            return None
+
+    sys.meta_path.insert(0, Missing())
+    import migcore
+
+    data = bytearray(os.urandom(1 << 20))
+    got = []
+    with migcore.listen("tcp://127.0.0.1:0") as listener:
+        t = threading.Thread(target=lambda: got.append(listener.receive(timeout=30)))
+        t.start()
+        stats = migcore.migrate(data, listener.address, timeout=30)
+        t.join(30)
+    got[0].wait(timeout=30)
+    assert bytes(got[0].region.view) == bytes(data) and stats.status == "completed"
+    try:
+        migcore.migrate(data, "tcp://127.0.0.1:9", compress="zstd", timeout=5)
+    except ValueError as exc:
+        print(exc)
+    """
+)
+
+
+def test_the_library_migrates_without_any_extra() -> None:
+    proc = subprocess.run([sys.executable, "-c", CORE_ONLY], capture_output=True, text=True, timeout=120, env=ENV)
+    assert proc.returncode == 0, proc.stderr
+    assert "pip install 'migcore[zstd]'" in proc.stdout
+
+
+# ---- machine-readable results ---------------------------------------------------------------------
+
+
+def json_lines(text: str) -> list[dict[str, object]]:
+    """Every line of ``text`` is one JSON object (nothing else is on stdout under --json)."""
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_send_and_receive_print_their_stats_as_json(
+    tmp_path: Path, writer: tuple[subprocess.Popen[str], Path]
+) -> None:
+    wproc, path = writer
+    recv = subprocess.Popen(
+        [sys.executable, "-m", "migcore", "receive", "tcp://127.0.0.1:0", "--out", str(tmp_path / "out.bin"),
+         "--timeout", "60", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+    try:
+        assert recv.stderr is not None
+        line = recv.stderr.readline()  # under --json the address goes to stderr: stdout is JSON only
+        assert line.startswith("listening on tcp://"), line
+        send = run_cli(
+            "send", str(path), line.split()[-1], "--pause-signal", str(wproc.pid), "--timeout", "60",
+            "--compress", "zstd", "--json", "--progress-json",
+        )  # fmt: skip
+        assert send.returncode == 0, send.stdout + send.stderr
+        out, err = recv.communicate(timeout=60)
+    finally:
+        if recv.poll() is None:
+            recv.kill()
+            recv.communicate()
+    assert recv.returncode == 0, out + err
+    assert (tmp_path / "out.bin").read_bytes() == path.read_bytes()
+    lines = json_lines(send.stdout)
+    *progress, sent = lines
+    assert progress and all(p["event"] == "progress" for p in progress)
+    moved = [int(str(p["transferred_bytes"])) for p in progress]
+    assert moved == sorted(moved)  # snapshots in order, one per line
+    assert sent["event"] == "result" and sent["status"] == "completed" and sent["verified"] is True
+    assert sent["total_bytes"] == path.stat().st_size and sent["compress"] == "zstd"
+    fields = {f.name for f in dataclasses.fields(MigrationStats)}
+    assert fields <= set(sent) and fields <= set(progress[0])
+    assert isinstance(sent["downtime"], float) and 0 < sent["downtime"] < sent["total_time"]  # seconds
+    (received,) = json_lines(out)
+    assert received["event"] == "result" and received["status"] == "completed"
+    assert received["total_bytes"] == path.stat().st_size and received["out"] == str(tmp_path / "out.bin")
+
+
+def test_demo_prints_one_json_object_and_a_failure_is_json_too() -> None:
+    proc = run_cli("demo", "--size", "2MiB", "--dirty-rate", "1MiB/s", "--warmup", "0.05", "--json", "--mode", "postcopy")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (result,) = json_lines(proc.stdout)
+    assert result["identical"] is True and result["first_difference"] is None and result["mode"] == "postcopy"
+    assert result["total_bytes"] == 2 << 20 and result["status"] == "completed"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    failed = run_cli("send", "/dev/null", f"tcp://127.0.0.1:{dead}", "--json")
+    (answer,) = json_lines(failed.stdout)
+    assert answer == {"event": "result", "status": "failed", "error": answer["error"], "exit_status": 3}
+    assert "PATH /dev/null" in str(answer["error"])
+
+
+def test_readme_documents_every_json_field() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### Machine-readable output", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `(\w+)` \|", section, re.M))
+    assert {f.name for f in dataclasses.fields(MigrationStats)} | {"event"} <= documented

@@ -1,5 +1,9 @@
 """Batch compression for PAGES frames: zstd (``zstandard``) and lz4 block (``lz4``), bounded on the way in.
 
+Each codec's package is an extra (``migcore[zstd]``, ``migcore[lz4]``),
+imported when the codec is first asked for; a missing one is a
+``ValueError`` that names the extra to install.
+
 A compressed payload is ``u64 decoded size`` followed by the codec's bytes.
 The destination refuses a declared size above the bound the runs table
 implies before it decompresses anything, then decompresses into a buffer of
@@ -14,6 +18,7 @@ import struct
 from typing import Any, Protocol
 
 from migcore._errors import ProtocolError
+from migcore._extras import require
 from migcore._names import CODECS
 
 _SIZE = struct.Struct("<Q")
@@ -34,9 +39,7 @@ class Zstd:
     name = "zstd"
 
     def __init__(self, level: int = 1) -> None:
-        import zstandard
-
-        self._z = zstandard
+        self._z: Any = require("zstandard", "compress='zstd'")
         self._level = level
 
     def compress(self, data: Any) -> bytes:
@@ -63,9 +66,7 @@ class Lz4:
     name = "lz4"
 
     def __init__(self) -> None:
-        import lz4.block  # type: ignore[import-untyped]
-
-        self._b = lz4.block
+        self._b: Any = require("lz4.block", "compress='lz4'")
 
     def compress(self, data: Any) -> bytes:
         return bytes(self._b.compress(data, store_size=False))
@@ -83,20 +84,17 @@ CODEC_NAMES = CODECS
 
 
 def get_codec(name: str) -> Codec:
-    """The codec called ``name``; ``ValueError`` names the missing package when it is not installed."""
+    """The codec called ``name``; a missing package is a ``MissingExtraError`` (a ``ValueError``) naming the extra."""
     if name not in CODEC_NAMES:
         raise ValueError(f"compress must be one of {CODEC_NAMES} or None, got {name!r}")
-    try:
-        return Zstd() if name == "zstd" else Lz4()
-    except ImportError as exc:  # pragma: no cover - both are dependencies
-        package = "zstandard" if name == "zstd" else "lz4"
-        raise ValueError(f"compress={name!r} needs the {package!r} package: {exc}") from None
+    return Zstd() if name == "zstd" else Lz4()
 
 
 def available(name: str) -> bool:
+    """Whether codec ``name`` exists and its package is installed."""
     try:
         get_codec(name)
-    except ValueError:
+    except ValueError:  # an unknown name, or a MissingExtraError
         return False
     return True
 

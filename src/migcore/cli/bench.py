@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
+from migcore._extras import require
+from migcore.cli.errors import CommandError, Exit
 from migcore.cli.units import parse_size
 from migcore.options import MODES
 
@@ -60,13 +62,13 @@ def bench_rate(text: str) -> Rate:
 
 def run(args: argparse.Namespace, console: Console) -> int:
     """Run the benchmark suite; exit 1 if a run was not verified identical."""
-    from migcore.bench import BenchConfig, run_bench
-
     try:
         rates = tuple(bench_rate(r) for r in args.rates or ())
     except ValueError as exc:
-        console.print(f"[red]--rates: {exc}[/]")
-        return 2
+        raise CommandError(Exit.USAGE, f"--rates: {exc}") from None
+    require("matplotlib", "migcore bench (its plots)")
+    from migcore.bench import BenchConfig, run_bench
+
     profile = "quick" if args.quick else "full" if args.full else "default"
     repeat = args.repeat if args.repeat is not None else (2 if args.quick else 3)
     config = BenchConfig(
@@ -81,4 +83,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         fault_samples=100 if args.quick else 200,
     )
     results = run_bench(config, console)
-    return 0 if all(r["verified"] for r in results["runs"]) else 1
+    wrong = [r for r in results["runs"] if not r["verified"]]
+    if wrong:
+        raise CommandError(Exit.FAILED, f"{len(wrong)} of {len(results['runs'])} runs were not verified identical")
+    return int(Exit.OK)

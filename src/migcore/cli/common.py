@@ -4,7 +4,9 @@
 and turn them into ``migcore.migrate()`` keywords (``migrate_options``);
 ``send``, ``receive`` and ``demo`` take the same token and TLS options.
 The choices of ``--mode``, ``--tracker``, ``--on-stall`` and ``--compress``
-are the names :mod:`migcore.options` defines.
+are the names :mod:`migcore.options` defines, and the options are checked
+with its dataclasses before anything is opened (``check_migration``,
+``check_listen``), so a refused flag is a one-line error naming the flag.
 """
 
 from __future__ import annotations
@@ -13,10 +15,14 @@ import argparse
 import math
 import ssl
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+from migcore.cli.errors import CommandError, Exit, file_error, name_flags
 from migcore.cli.units import parse_duration, parse_rate, parse_size
-from migcore.options import CODECS, MODES, ON_STALL, TRACKER_CHOICES
+from migcore.options import CODECS, MODES, ON_STALL, TRACKER_CHOICES, ListenOptions, MigrationOptions
+
+_T = TypeVar("_T")
 
 
 def add_migrate_options(p: argparse.ArgumentParser, *, default_tracker: str) -> None:
@@ -38,6 +44,18 @@ def add_migrate_options(p: argparse.ArgumentParser, *, default_tracker: str) -> 
     p.add_argument("--no-progress", action="store_true", help="do not draw progress bars")
     _add_transfer_options(p)
     add_auth_options(p)
+    add_output_options(p)
+
+
+def add_output_options(p: argparse.ArgumentParser) -> None:
+    """--json and --progress-json, shared by send, receive and demo (what people read then goes to stderr)."""
+    p.add_argument(
+        "--json", action="store_true",
+        help="print the final stats as one JSON object on stdout (a failure as {\"status\": \"failed\", ...})",
+    )
+    p.add_argument(
+        "--progress-json", action="store_true", help="print every progress snapshot as one JSON object per line"
+    )
 
 
 def _add_transfer_options(p: argparse.ArgumentParser) -> None:
@@ -104,6 +122,32 @@ def migrate_options(args: argparse.Namespace) -> dict[str, Any]:
     return opts
 
 
+def check_address(address: str) -> None:
+    """Refuse an ADDRESS that is no migcore address (``http://...``, no port), naming it."""
+    try:
+        ListenOptions(insecure=True).validate(address)
+    except ValueError as exc:
+        raise CommandError(Exit.USAGE, f"ADDRESS {address}: {exc}") from None
+
+
+def check_migration(address: str, options: dict[str, Any]) -> None:
+    """Refuse what ``migrate(region, address, **options)`` would refuse, with the flags' names."""
+    check_address(address)
+    try:
+        MigrationOptions(**options).validate(address)
+    except (ValueError, TypeError) as exc:
+        raise CommandError(Exit.USAGE, name_flags(str(exc))) from None
+
+
+def check_listen(address: str, options: dict[str, Any]) -> None:
+    """Refuse what ``listen(address, **options)`` would refuse, with the flags' names."""
+    check_address(address)
+    try:
+        ListenOptions(**options).validate(address)
+    except (ValueError, TypeError) as exc:
+        raise CommandError(Exit.USAGE, name_flags(str(exc))) from None
+
+
 def token(args: argparse.Namespace) -> bytes | None:
     """The shared token from --token or --token-file (its first line; a file keeps it out of ``ps``).
 
@@ -116,13 +160,15 @@ def token(args: argparse.Namespace) -> bytes | None:
             mode = path.stat().st_mode
             lines = path.read_bytes().splitlines()
         except OSError as exc:
-            raise SystemExit(f"migcore: --token-file {path}: {exc.strerror or exc}") from None
+            raise file_error(f"--token-file {args.token_file}", exc) from None
         if mode & 0o077:
-            raise SystemExit(
-                f"migcore: --token-file {path} is readable by other users (mode {mode & 0o777:04o}); "
-                f"run 'chmod 600 {path}'"
+            raise CommandError(
+                Exit.FILE,
+                f"--token-file {path} is readable by other users (mode {mode & 0o777:04o}); run 'chmod 600 {path}'",
             )
-        return lines[0] if lines else b""
+        if not lines or not lines[0].strip():
+            raise CommandError(Exit.FILE, f"--token-file {args.token_file}: the first line is empty")
+        return lines[0]
     secret = getattr(args, "token", None)
     return secret.encode() if secret else None
 
@@ -137,17 +183,33 @@ def tls_context(args: argparse.Namespace, *, server: bool) -> ssl.SSLContext | N
     cert, key, ca = (getattr(args, name, None) for name in ("tls_cert", "tls_key", "tls_ca"))
     if not (cert or key or ca):
         return None
+    for flag, path in (("--tls-cert", cert), ("--tls-key", key), ("--tls-ca", ca)):
+        if path and not Path(path).is_file():
+            reason = "no such file" if not Path(path).exists() else "not a regular file"
+            raise CommandError(Exit.FILE, f"{flag} {path}: {reason}")
+    if key and not cert:
+        raise CommandError(Exit.USAGE, "--tls-key needs --tls-cert (the certificate of that key)")
     if server:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         if not cert:
-            raise SystemExit("migcore receive: --tls-ca or --tls-key needs --tls-cert (the destination's certificate)")
-        ctx.load_cert_chain(cert, key)
+            raise CommandError(Exit.USAGE, "--tls-ca needs --tls-cert on the destination (the certificate it shows)")
+        _load(lambda: ctx.load_cert_chain(cert, key), f"--tls-cert {cert}" + (f" / --tls-key {key}" if key else ""))
         if ca:
             ctx.verify_mode = ssl.CERT_REQUIRED
-            ctx.load_verify_locations(ca)
+            _load(lambda: ctx.load_verify_locations(ca), f"--tls-ca {ca}")
     else:
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+        ctx = _load(lambda: ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca), f"--tls-ca {ca}")
         if cert:
-            ctx.load_cert_chain(cert, key)
+            _load(lambda: ctx.load_cert_chain(cert, key), f"--tls-cert {cert}" + (f" / --tls-key {key}" if key else ""))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     return ctx
+
+
+def _load(step: Callable[[], _T], what: str) -> _T:
+    """Run one loading step of a TLS context; a file it cannot use is a one-line error naming the flag."""
+    try:
+        return step()
+    except ssl.SSLError as exc:
+        raise CommandError(Exit.FILE, f"{what}: not a usable PEM file ({exc.reason or exc})") from None
+    except OSError as exc:
+        raise file_error(what, exc) from None

@@ -8,6 +8,7 @@ migrates; the result is compared with the paused source.
 from __future__ import annotations
 
 import argparse
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -18,8 +19,9 @@ from rich.console import Console
 
 import migcore
 from migcore.bench import workload as _workload
-from migcore.cli.common import add_migrate_options, migrate_options, tls_context, token
-from migcore.cli.display import RoundProgress, logger, stats_table
+from migcore.cli.common import add_migrate_options, check_migration, migrate_options, tls_context, token
+from migcore.cli.display import RoundProgress, print_json, progress_callback, stats_record, stats_table
+from migcore.cli.errors import CommandError, Exit, as_command_error, name_flags
 from migcore.cli.units import format_rate, format_size, parse_duration, parse_rate, parse_size
 
 
@@ -47,14 +49,31 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     demo.set_defaults(func=run)
 
 
-def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Reject demo values that parse but make no sense, with argparse's usage message."""
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse demo values that parse but make no sense, or a region this machine cannot hold twice."""
     if args.size <= 0:
-        parser.error("--size must be more than 0 bytes")
+        raise CommandError(Exit.USAGE, "--size must be more than 0 bytes")
     if not 0 <= args.random_fraction <= 1:
-        parser.error("--random-fraction must be a fraction in [0, 1]")
+        raise CommandError(Exit.USAGE, "--random-fraction must be a fraction in [0, 1]")
     if not 0 < args.hotset_fraction <= 1:
-        parser.error("--hotset-fraction must be a fraction in (0, 1]")
+        raise CommandError(Exit.USAGE, "--hotset-fraction must be a fraction in (0, 1]")
+    available = _memory_available()
+    if available is not None and 2 * args.size > available:
+        raise CommandError(
+            Exit.USAGE,
+            f"--size {format_size(args.size)}: the demo holds the region twice (source and destination) and this "
+            f"machine has {format_size(available)} of memory available",
+        )
+
+
+def _memory_available() -> int | None:
+    """Bytes of memory free for a new mapping (Linux: available pages; elsewhere physical), None if unknown."""
+    for name in ("SC_AVPHYS_PAGES", "SC_PHYS_PAGES"):
+        try:
+            return os.sysconf(name) * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            continue
+    return None
 
 
 def first_difference(a: memoryview, b: memoryview, chunk: int = 16 << 20) -> int | None:
@@ -83,7 +102,12 @@ class _Outcome:
 
 def run(args: argparse.Namespace, console: Console) -> int:
     size, ps = args.size, args.page_size
-    region = migcore.Region.allocate(size, ps)
+    opts = migrate_options(args)  # reads --token-file and the --tls-* files: errors name them
+    check_migration("tcp://127.0.0.1:0", opts)
+    try:
+        region = migcore.Region.allocate(size, ps)
+    except (MemoryError, OSError) as exc:
+        raise CommandError(Exit.USAGE, f"--size {format_size(size)}: cannot allocate the region ({exc})") from None
     console.print(
         f"[bold]migcore demo[/]: {format_size(size)} region ({region.npages} pages of {ps} B), "
         f"{args.random_fraction:.0%} random pages, workload {args.pattern} at {format_rate(args.dirty_rate)}, "
@@ -93,11 +117,13 @@ def run(args: argparse.Namespace, console: Console) -> int:
     work = _workload.Workload(
         region, dirty_rate=args.dirty_rate, pattern=args.pattern, hotset_fraction=args.hotset_fraction, seed=args.seed
     )
-    outcome = _migrate(args, console, region, work)
+    outcome = _migrate(args, console, region, work, opts)
     return _report(args, console, region, work.stats, outcome)
 
 
-def _migrate(args: argparse.Namespace, console: Console, region: migcore.Region, work: _workload.Workload) -> _Outcome:
+def _migrate(
+    args: argparse.Namespace, console: Console, region: migcore.Region, work: _workload.Workload, opts: dict[str, Any]
+) -> _Outcome:
     """Migrate ``region`` to a destination thread on loopback while ``work`` keeps writing it."""
     outcome = _Outcome(RoundProgress(console, enabled=not args.no_progress))
     with migcore.listen(
@@ -112,13 +138,13 @@ def _migrate(args: argparse.Namespace, console: Console, region: migcore.Region,
 
         dest = threading.Thread(target=destination, name="migcore-demo-destination", daemon=True)
         dest.start()
-        opts = migrate_options(args)
         opts.update(pause=work.pause, resume=work.resume, throttle=work.throttle)
-        with work, outcome.bar as bar:
+        progress = progress_callback(outcome.bar, json_lines=args.progress_json)
+        with work, outcome.bar:
             # let the workload run alone for a moment so the first round has something to chase
             time.sleep(args.warmup)
             try:
-                outcome.stats = migcore.migrate(region, listener.address, progress=bar, **opts)
+                outcome.stats = migcore.migrate(region, listener.address, progress=progress, **opts)
             except migcore.MigrationError as exc:
                 outcome.error = exc
             work.pause()  # migrate() paused it on success; make sure of it on failure too
@@ -135,24 +161,36 @@ def _report(
     wstats: _workload.WorkloadStats,
     outcome: _Outcome,
 ) -> int:
-    """Print the failure, or compare both regions and print the table; the exit status."""
+    """Compare both regions and print the table (or the JSON object); a failure is a :class:`CommandError`."""
     if outcome.error is not None:
-        logger.error("migration failed: %s", outcome.error)
-        console.print(f"[red bold]migration failed:[/] {outcome.error}")
-        return 1
+        raise as_command_error(outcome.error)
     if outcome.receive_error or not outcome.received:
         err = outcome.receive_error[0] if outcome.receive_error else TimeoutError("the destination did not finish")
-        console.print(f"[red bold]destination failed:[/] {err}")
-        return 1
+        raise CommandError(Exit.FAILED, f"destination failed: {name_flags(str(err))}")
     dst = outcome.received[0]
     try:
         dst.wait(timeout=args.timeout)  # post-copy: until every page arrived
     except migcore.MigrationError as exc:
-        console.print(f"[red bold]post-copy failed after the switchover:[/] {exc}")
-        return 1
+        raise CommandError(Exit.FAILED, f"post-copy failed after the switchover: {exc}") from exc
     diff = first_difference(region.view, dst.region.view)
     identical = diff is None
-    verdict = "[green bold]identical[/]" if identical else f"[red bold]DIFFERENT[/] (first at byte {diff})"
+    if args.json:
+        print_json(stats_record(
+            outcome.stats, identical=identical, first_difference=diff,
+            workload={"pattern": args.pattern, "achieved_rate": wstats.achieved_rate,
+                      "pages_written": wstats.pages_written, "max_throttle_level": wstats.max_throttle_level},
+        ))  # fmt: skip
+    else:
+        _print_table(args, console, wstats, outcome, diff)
+    if not identical:
+        raise CommandError(Exit.FAILED, f"the destination region differs from the paused source at byte {diff}")
+    return int(Exit.OK)
+
+
+def _print_table(
+    args: argparse.Namespace, console: Console, wstats: _workload.WorkloadStats, outcome: _Outcome, diff: int | None
+) -> None:
+    verdict = "[green bold]identical[/]" if diff is None else f"[red bold]DIFFERENT[/] (first at byte {diff})"
     throttled = f", throttled up to {wstats.max_throttle_level}%" if wstats.max_throttle_level else ""
     achieved = format_rate(wstats.achieved_rate)
     extra = [
@@ -164,8 +202,5 @@ def _report(
         "migration", outcome.stats, extra, expected_downtime=bar.expected_downtime, downtime_limit=args.downtime_limit
     )
     console.print(table)
-    if identical:
+    if diff is None:
         console.print("destination region is byte-for-byte [green bold]identical[/] to the paused source")
-    else:
-        console.print(f"destination region DIFFERS from the paused source at byte {diff}")
-    return 0 if identical else 1

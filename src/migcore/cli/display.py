@@ -1,12 +1,18 @@
-"""What the commands draw: a progress bar per migration round, the final stats table, and log output.
+"""What the commands show: a progress bar per migration round, the final stats table, JSON, and log output.
 
 The command line is the only part of migcore that prints or configures
 logging; everything it prints goes through here or a rich ``Console``.
+``--json`` and ``--progress-json`` print :func:`stats_record` objects, one
+per line of stdout.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import math
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -161,13 +167,89 @@ def _optional_rows(get: Callable[[str], Any]) -> list[tuple[str, str]]:
     return rows
 
 
-def configure_logging(verbose: int, console: Console) -> None:
-    """Send migcore's log records to ``console``: warnings by default, ``-v`` info, ``-vv`` debug with paths."""
-    from rich.logging import RichHandler
+def stats_record(stats: Any, event: str = "result", **extra: Any) -> dict[str, Any]:
+    """A ``MigrationStats`` as one JSON-ready object: ``event``, then its fields (QEMU ``query-migrate`` names in
+    snake case, seconds, bytes), then ``extra``; a number that is not finite becomes null."""
+    record: dict[str, Any] = {"event": event}
+    record.update((f.name, getattr(stats, f.name)) for f in dataclasses.fields(stats))
+    record.update(extra)
+    return record
 
+
+def _finite(value: Any) -> Any:
+    """``value`` with every float that is not finite replaced by None (JSON has no infinity)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def print_json(record: dict[str, Any]) -> None:
+    """One JSON object on one line of stdout, flushed (a tool may be reading it as it comes)."""
+    sys.stdout.write(json.dumps(_finite(record), allow_nan=False) + "\n")
+    sys.stdout.flush()
+
+
+class JsonProgress:
+    """``--progress-json``: every progress snapshot as one ``{"event": "progress", ...}`` line, then ``then``."""
+
+    def __init__(self, then: Callable[[Any], object] | None = None) -> None:
+        self.then = then
+        self._lock = threading.Lock()  # lines from several engine threads never interleave
+
+    def __call__(self, stats: Any) -> None:
+        with self._lock:
+            print_json(stats_record(stats, "progress"))
+        if self.then is not None:
+            self.then(stats)
+
+
+def progress_callback(bar: RoundProgress, *, json_lines: bool) -> Callable[[Any], object]:
+    """What ``migrate(progress=...)`` gets: the bars, and the JSON lines with ``--progress-json``."""
+    return JsonProgress(bar) if json_lines else bar
+
+
+class _OneLine(logging.Formatter):
+    """``migcore: LEVEL: message`` on one line; a record's traceback only with -v."""
+
+    def __init__(self, verbose: int) -> None:
+        super().__init__("migcore: %(levelname)s: %(message)s")
+        self.verbose = verbose
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not self.verbose and (record.exc_info or record.exc_text):
+            record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None})
+        text = super().format(record)
+        return text if self.verbose else " ".join(text.split())
+
+
+def configure_logging(verbose: int) -> None:
+    """Send migcore's log records to stderr: warnings by default, ``-v`` info, ``-vv`` debug.
+
+    On a terminal through rich; otherwise plain, one unwrapped line per
+    record, so a log file or a pipe gets whole lines. Tracebacks only with -v.
+    """
     level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    handler = RichHandler(console=console, show_path=verbose > 1, rich_tracebacks=verbose > 1)
+    handler: logging.Handler
+    if sys.stderr.isatty():
+        from rich.logging import RichHandler
+
+        handler = RichHandler(console=Console(stderr=True), show_path=verbose > 1, rich_tracebacks=verbose > 0)
+        if not verbose:
+            handler.addFilter(_drop_traceback)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_OneLine(verbose))
     root = logging.getLogger("migcore")
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+
+
+def _drop_traceback(record: logging.LogRecord) -> bool:
+    record.exc_info = None
+    record.exc_text = None
+    return True

@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,8 +25,9 @@ from typing import Any
 from rich.console import Console
 
 import migcore
-from migcore.cli.common import add_auth_options, tls_context, token
-from migcore.cli.display import logger, stats_table
+from migcore.cli.common import add_auth_options, add_output_options, check_listen, tls_context, token
+from migcore.cli.display import JsonProgress, logger, print_json, stats_record, stats_table
+from migcore.cli.errors import CommandError, Exit, address_error, file_error
 from migcore.cli.units import format_size, parse_duration, parse_size
 
 
@@ -51,41 +53,46 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         help="accept unauthenticated sources on a non-loopback address (no --token or --tls-*)",
     )
     add_auth_options(recv)
+    add_output_options(recv)
     recv.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    errors = Console(stderr=True)
     max_bytes = args.max_bytes
     if args.out:
         room = _room_for(Path(args.out))
         if isinstance(room, str):
-            errors.print(f"[red]migcore receive: {room}[/]")
-            return 2
+            raise CommandError(Exit.FILE, room)
         # a region that cannot be written out is refused at the handshake, before a page moves
         max_bytes = room if max_bytes is None else min(max_bytes, room)
-    limits: dict[str, Any] = {} if args.max_state_bytes is None else {"max_state_bytes": args.max_state_bytes}
-    limits.update(token=token(args), tls=tls_context(args, server=True), insecure=args.insecure)
+    options: dict[str, Any] = {"max_bytes": max_bytes, "compat": args.compat}
+    if args.max_state_bytes is not None:
+        options["max_state_bytes"] = args.max_state_bytes
+    options.update(token=token(args), tls=tls_context(args, server=True), insecure=args.insecure)
+    check_listen(args.address, options)
     try:
-        listener = migcore.listen(args.address, max_bytes=max_bytes, compat=args.compat, **limits)
-    except (ValueError, OSError) as exc:
-        errors.print(f"[red]migcore receive: {exc}[/]")
-        return 2
+        listener = migcore.listen(args.address, **options)
+    except OSError as exc:
+        raise address_error(args.address, exc) from None
     with listener:
-        # the bound address goes to stdout first, so a script that passed port 0 can read it
-        print(f"listening on {listener.address}", flush=True)
-        received = _receive_one(args, console, listener)
-        if received is None:
-            return 1
-        complete = _wait(args, console, errors, received)
+        # the bound address comes first (on stdout, or stderr under --json), so a script that passed port 0 can read it
+        listening = f"listening on {listener.address}"
+        print(listening, file=sys.stderr if args.json or args.progress_json else sys.stdout, flush=True)
+        received = _receive_one(args, listener)
+        progress = JsonProgress() if args.progress_json else None
+        complete, why = _wait(args, console, received, progress)
     try:
         where = _write_out(args.out, received, complete)
     except OSError as exc:
-        errors.print(f"[red bold]could not write the received region:[/] {exc}")
-        return 1
-    console.print(stats_table("received", received.stats))
-    console.print(where)
-    return 0 if complete else 1
+        raise file_error(f"--out {args.out}: could not write the received region", exc) from None
+    if not complete:
+        raise CommandError(Exit.FAILED, f"{why}; {where}")
+    if args.json:
+        print_json(stats_record(received.stats, out=args.out, state_bytes=len(received.state)))
+    else:
+        console.print(stats_table("received", received.stats))
+        console.print(where)
+    return int(Exit.OK)
 
 
 def _room_for(out: Path) -> int | str:
@@ -104,23 +111,26 @@ def _room_for(out: Path) -> int | str:
     return room
 
 
-def _wait(args: argparse.Namespace, console: Console, errors: Console, received: migcore.Received) -> bool:
-    """Until every post-copy page arrived (True), or the program gave the missing ones up (False).
+def _wait(
+    args: argparse.Namespace, console: Console, received: migcore.Received, progress: JsonProgress | None
+) -> tuple[bool, str]:
+    """Until every post-copy page arrived (True), or the program gave the missing ones up (False, and why).
 
     A paused reception waits for its source to recover; it is given up only
-    after ``--abandon-after`` seconds paused, or on Ctrl-C.
+    after ``--abandon-after`` seconds paused, or on Ctrl-C. ``progress`` gets
+    a snapshot every half second while pages are still owed.
     """
     paused_since: float | None = None
     try:
         while True:
             try:
                 received.wait(timeout=0.5)
-                return True
+                return True, ""
             except migcore.MigrationTimeout:
-                pass
+                if progress is not None:
+                    progress(received.stats)
             except migcore.MigrationError as exc:
-                errors.print(f"[red bold]post-copy failed after the switchover:[/] {exc}")
-                return False
+                return False, f"post-copy failed after the switchover: {exc}"
             if received.stats.status != "postcopy-paused":
                 paused_since = None
                 continue
@@ -132,23 +142,20 @@ def _wait(args: argparse.Namespace, console: Console, errors: Console, received:
                 )
             if args.abandon_after is not None and time.monotonic() - paused_since >= args.abandon_after:
                 lost = received.abandon()
-                errors.print(f"[red bold]gave up after {args.abandon_after:g} s paused:[/] {lost} pages lost")
-                return False
+                return False, f"gave up after {args.abandon_after:g} s paused (--abandon-after): {lost} pages lost"
     except KeyboardInterrupt:
         lost = received.abandon()
-        errors.print(f"[red bold]interrupted:[/] {lost} pages never arrived")
-        return False
+        return False, f"interrupted: {lost} pages never arrived"
 
 
-def _receive_one(args: argparse.Namespace, console: Console, listener: migcore.Listener) -> migcore.Received | None:
-    """The first migration that gets through the switchover, or None when none came in time."""
+def _receive_one(args: argparse.Namespace, listener: migcore.Listener) -> migcore.Received:
+    """The first migration that gets through the switchover; none in time is a :class:`CommandError`."""
     while True:
         try:
             return listener.receive(timeout=args.timeout)
         except migcore.MigrationError as exc:
             if _is_idle_timeout(exc):
-                console.print(f"[red]no migration arrived within {args.timeout} s[/]")
-                return None
+                raise CommandError(Exit.FAILED, f"no migration arrived within {args.timeout:g} s (--timeout)") from None
             logger.warning(
                 "a migration failed (%s: %s); still listening on %s", type(exc).__name__, exc, listener.address
             )

@@ -21,8 +21,9 @@ from typing import Any
 from rich.console import Console
 
 import migcore
-from migcore.cli.common import add_migrate_options, migrate_options
-from migcore.cli.display import RoundProgress, logger, stats_table
+from migcore.cli.common import add_migrate_options, check_migration, migrate_options
+from migcore.cli.display import RoundProgress, logger, print_json, progress_callback, stats_record, stats_table
+from migcore.cli.errors import CommandError, Exit, file_error, name_flags
 from migcore.cli.units import format_size, parse_duration
 
 
@@ -94,12 +95,19 @@ def _stop_process(pid: int, timeout: float = 5.0) -> None:
 
 @contextlib.contextmanager
 def _mapped(path: Path) -> Iterator[mmap.mmap]:
-    fd = os.open(path, os.O_RDWR)
+    """``path`` mapped shared and writable; a file that cannot be is a one-line error naming PATH."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError as exc:
+        raise file_error(f"PATH {path}", exc) from None
     try:
         size = os.fstat(fd).st_size
         if size == 0:
-            raise SystemExit(f"migcore send: {path} is empty; nothing to migrate")
-        mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            raise CommandError(Exit.FILE, f"PATH {path} is empty: nothing to migrate")
+        try:
+            mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as exc:
+            raise file_error(f"PATH {path} cannot be mapped", exc) from None
     finally:
         os.close(fd)
     try:
@@ -107,6 +115,18 @@ def _mapped(path: Path) -> Iterator[mmap.mmap]:
     finally:
         with contextlib.suppress(BufferError):
             mapping.close()
+
+
+def _check_path(path: Path) -> None:
+    """PATH must be a regular file or a shared-memory segment: anything else is named before a byte moves."""
+    if not path.exists():
+        raise CommandError(Exit.FILE, f"PATH {path}: no such file")
+    if path.is_dir():
+        raise CommandError(Exit.FILE, f"PATH {path} is a folder, not a file or /dev/shm segment")
+    if not path.is_file():
+        raise CommandError(Exit.FILE, f"PATH {path} is not a regular file or /dev/shm segment")
+    if path.stat().st_size == 0:
+        raise CommandError(Exit.FILE, f"PATH {path} is empty: nothing to migrate")
 
 
 class _Writer:
@@ -142,37 +162,38 @@ class _Writer:
 
 def run(args: argparse.Namespace, console: Console) -> int:
     path = Path(args.path)
-    if not path.exists():
-        console.print(f"[red]migcore send: {path} does not exist[/]")
-        return 2
     if args.tracker == "writes":
-        console.print("[red]migcore send: the writes tracker cannot see another process's writes; use hash[/]")
-        return 2
+        raise CommandError(
+            Exit.USAGE, "--tracker writes cannot see another process's writes; use --tracker hash (the default)"
+        )
+    opts = migrate_options(args)  # reads --token-file and the --tls-* files: errors name them
+    opts["tracker"] = "hash" if args.tracker == "auto" else args.tracker
+    opts["connect_timeout"] = args.wait
+    opts["insecure"] = args.insecure
+    check_migration(args.address, opts)
+    _check_path(path)
     if args.pause_signal is None:
         logger.warning(
             "no --pause-signal PID: the final pass is consistent only if nothing writes %s while it runs", path
         )
     writer = _Writer(args.pause_signal, Path(args.state_file) if args.state_file else None)
-    sent = _migrate(args, console, path, writer)
-    if sent is None:
-        return 1
-    stats, bar = sent
-    table = stats_table(
-        f"sent {path}", stats, expected_downtime=bar.expected_downtime, downtime_limit=args.downtime_limit
-    )
-    console.print(table)
+    if writer.state_file is not None and not writer.state_file.is_file():
+        raise CommandError(Exit.FILE, f"--state-file {writer.state_file}: no such file")
+    stats, bar = _migrate(args, console, path, writer, opts)
+    if args.json:
+        print_json(stats_record(stats, path=str(path), address=args.address))
+    else:
+        console.print(stats_table(
+            f"sent {path}", stats, expected_downtime=bar.expected_downtime, downtime_limit=args.downtime_limit
+        ))
     _after(args.after, writer, console)
-    return 0
+    return int(Exit.OK)
 
 
 def _migrate(
-    args: argparse.Namespace, console: Console, path: Path, writer: _Writer
-) -> tuple[migcore.MigrationStats, RoundProgress] | None:
-    """Map ``path`` and migrate it; the stats and the bars, or None when the migration failed."""
-    opts = migrate_options(args)
-    opts["tracker"] = "hash" if args.tracker == "auto" else args.tracker
-    opts["connect_timeout"] = args.wait
-    opts["insecure"] = args.insecure
+    args: argparse.Namespace, console: Console, path: Path, writer: _Writer, opts: dict[str, Any]
+) -> tuple[migcore.MigrationStats, RoundProgress]:
+    """Map ``path`` and migrate it; the stats and the bars. A failure is a :class:`CommandError`."""
     opts.update(
         pause=writer.pause, state=writer.state, resume=lambda: writer.cont("migration failed before the switchover")
     )
@@ -182,34 +203,40 @@ def _migrate(
         console.print(f"{verb} {path} ({format_size(region.nbytes)}) to {args.address}, mode {args.mode}")
         try:
             with RoundProgress(console, enabled=not args.no_progress) as bar:
+                progress = progress_callback(bar, json_lines=args.progress_json)
                 if args.recover:
-                    keys = ("timeout", "compat", "tls", "token", "postcopy_bandwidth_limit", "connect_timeout", "insecure")
-                    link = {k: opts[k] for k in keys if k in opts}
-                    stats = migcore.recover(region, args.address, args.recover, progress=bar, **link)
+                    keep = (
+                        "timeout", "compat", "tls", "token", "postcopy_bandwidth_limit", "connect_timeout", "insecure",
+                    )
+                    link = {k: opts[k] for k in keep if k in opts}
+                    stats = migcore.recover(region, args.address, args.recover, progress=progress, **link)
                 else:
-                    stats = migcore.migrate(region, args.address, progress=bar, **opts)
+                    stats = migcore.migrate(region, args.address, progress=progress, **opts)
         except migcore.MigrationError as exc:
-            errors = Console(stderr=True)
-            errors.print(f"[red bold]migration failed:[/] {exc}")
-            if isinstance(exc, migcore.PeerLostError) and exc.migration_id:
-                # the buffer is untouched: the same command with --recover continues it
-                errors.print(
-                    f"migration id {exc.migration_id}; continue it with: "
-                    f"migcore send {path} ADDRESS --recover {exc.migration_id} (same --token/--tls options)"
-                )
-            if writer.pid is not None and writer.paused.is_set() and not writer.resumed.is_set():
-                logger.error(
-                    "the migration failed after the switchover (or with the outcome in doubt): "
-                    "process %d stays stopped; the destination may hold the newest state",
-                    writer.pid,
-                )
-            return None
+            raise CommandError(Exit.FAILED, _failure(exc, path, writer)) from exc
         except BaseException:
             writer.cont("interrupted")
             raise
         finally:
             del region
     return stats, bar
+
+
+def _failure(exc: migcore.MigrationError, path: Path, writer: _Writer) -> str:
+    """The one line that says what failed and what to do next (continue it, the writer's state)."""
+    line = f"migration failed: {name_flags(str(exc))}"
+    if isinstance(exc, migcore.PeerLostError) and exc.migration_id:
+        # the buffer is untouched: the same command with --recover continues it
+        line += (
+            f"; migration id {exc.migration_id}: continue it with "
+            f"migcore send {path} ADDRESS --recover {exc.migration_id} (same --token/--tls options)"
+        )
+    if writer.pid is not None and writer.paused.is_set() and not writer.resumed.is_set():
+        line += (
+            f"; process {writer.pid} stays stopped: the failure came after the switchover (or with the outcome "
+            "in doubt) and the destination may hold the newest state"
+        )
+    return line
 
 
 def _after(after: str, writer: _Writer, console: Console) -> None:

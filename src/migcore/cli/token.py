@@ -13,6 +13,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from migcore.cli.errors import file_error
+
 #: Random bytes in a token: far beyond any guessing, online or offline.
 TOKEN_BYTES = 32
 
@@ -36,7 +38,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as exc:
-        raise SystemExit(f"migcore token: --out {path}: {exc.strerror or exc}") from None
+        raise file_error(f"--out {path}", exc) from None
     with os.fdopen(fd, "w") as f:
         f.write(value + "\n")
     return 0
