@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
 
@@ -52,6 +53,9 @@ class CutProxy:
         held = b""  # the tail that may hold the start of a marker split across two reads
         try:
             while True:
+                if held and not select.select([src], [], [], 0.05)[0]:
+                    dst.sendall(held)  # nothing more is coming now: a held tail was no marker after all
+                    held = b""
                 data = src.recv(65536)
                 if not data:
                     if held:
