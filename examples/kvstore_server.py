@@ -19,11 +19,15 @@ destination the store is rebuilt from ``received.region`` and
 ``received.state`` and carries on; after a post-copy switch it calls
 ``received.ensure()`` for a record's bytes before it touches them.
 
-Run it on two hosts::
+Run it on two hosts that share a secret (a file holding one line, say
+``python -c "import secrets; print(secrets.token_hex(32))" > token``)::
 
-    host-b$ python kvstore_server.py receive tcp://0.0.0.0:7100 --port 7001
-    host-a$ python kvstore_server.py serve --port 7000
+    host-b$ python kvstore_server.py receive tcp://0.0.0.0:7100 --host 0.0.0.0 --port 7001 --token-file token
+    host-a$ python kvstore_server.py serve --port 7000 --token-file token
     host-a$ printf 'SET hello world\\nMIGRATE tcp://host-b:7100 host-b:7001\\n' | nc localhost 7000
+
+A destination reachable from other hosts refuses to listen without a token
+(or TLS); ``--insecure`` accepts unauthenticated sources anyway.
 
 or both ends in one process, with a client writing all along, and a check
 that every acknowledged write is readable on the destination::
@@ -214,9 +218,12 @@ class KVServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, store: KVStore | None = None) -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 0, store: KVStore | None = None, token: bytes | None = None
+    ) -> None:
         super().__init__((host, port), _Handler)
         self.store = store
+        self.token = token  # proves this source to the destination of a MIGRATE
         self.ready = threading.Event()
         if store is not None:
             self.ready.set()
@@ -271,7 +278,7 @@ class _Handler(socketserver.StreamRequestHandler):
                 return "STATS " + json.dumps(store.stats())
             if cmd == "MIGRATE":
                 address, moved_to, mode = (rest.split() + ["", ""])[:3]
-                store.migrate(address, moved_to or address, mode=mode or "precopy", timeout=30)
+                store.migrate(address, moved_to or address, mode=mode or "precopy", timeout=30, token=self.server.token)
                 return f"MOVED {store.moved_to}"
             return f"ERROR unknown command {cmd!r}"
         except Moved as moved:
@@ -331,8 +338,19 @@ class KVClient:
 
 
 def receive_and_serve(listener: Any, server: KVServer, timeout: float | None = None) -> KVStore:
-    """Destination side: wait for one migration, rebuild the store and serve it with ``server``."""
-    received = listener.receive(timeout=timeout)
+    """Destination side: wait for one migration, rebuild the store and serve it with ``server``.
+
+    A migration that fails before its switchover (a source with the wrong
+    token, a refused handshake) left nothing here: wait for the next one.
+    """
+    while True:
+        try:
+            received = listener.receive(timeout=timeout)
+            break
+        except migcore.MigrationTimeout:
+            raise
+        except migcore.MigrationError as exc:
+            logger.warning("a migration failed (%s: %s); still waiting on %s", type(exc).__name__, exc, listener.address)
     store = KVStore.from_received(received)
     server.attach(store)
     logger.info("store received: %d keys; serving on %s", len(store.index), server.address)
@@ -413,6 +431,19 @@ def self_test(mode: str = "precopy", keys: int = 3000, capacity: int = 16384, tr
     return 0 if ok else 1
 
 
+def _auth_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--token", default=None, metavar="SECRET", help="shared secret both ends hold")
+    p.add_argument("--token-file", default=None, metavar="F", help="read the shared secret from F's first line")
+
+
+def _token(args: argparse.Namespace) -> bytes | None:
+    """The secret from --token or --token-file (a file keeps it out of ``ps``)."""
+    if args.token_file:
+        with open(args.token_file, "rb") as f:
+            return f.readline().rstrip(b"\r\n") or None
+    return args.token.encode() if args.token else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--self-test", action="store_true", help="migrate between two in-process stores and check")
@@ -423,28 +454,39 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=7000)
     serve.add_argument("--capacity", type=int, default=16384, help="records (256 bytes each)")
+    _auth_options(serve)
     recv = sub.add_parser("receive", help="wait for a store to migrate here, then serve it")
     recv.add_argument("listen", help="migcore address to listen on, e.g. tcp://0.0.0.0:7100")
     recv.add_argument("--host", default="127.0.0.1")
     recv.add_argument("--port", type=int, default=7001)
+    _auth_options(recv)
+    recv.add_argument("--insecure", action="store_true", help="accept unauthenticated sources from other hosts")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     if args.self_test:
         return self_test(args.mode)
-    if args.command == "serve":
-        server = KVServer(args.host, args.port, KVStore(args.capacity))
-        print(f"serving an empty store on {server.address}", flush=True)
-        server.serve_forever()
-    elif args.command == "receive":
-        server = KVServer(args.host, args.port).start()
-        with migcore.listen(args.listen) as listener:
-            print(f"waiting for a store on {listener.address}; will serve it on {server.address}", flush=True)
-            receive_and_serve(listener, server)
-        assert server._thread is not None
-        server._thread.join()
-    else:
+    if args.command not in ("serve", "receive"):
         parser.print_help()
         return 2
+    if args.token and args.token_file:
+        parser.error("give --token or --token-file, not both")
+    try:
+        token = _token(args)
+        if args.command == "serve":
+            server = KVServer(args.host, args.port, KVStore(args.capacity), token=token)
+            print(f"serving an empty store on {server.address}", flush=True)
+            server.serve_forever()
+            return 0
+        listener = migcore.listen(args.listen, token=token, insecure=args.insecure)
+        server = KVServer(args.host, args.port).start()
+    except (OSError, ValueError) as exc:  # a missing token file, a port in use, an unauthenticated public address
+        print(f"kvstore_server {args.command}: {exc}", file=sys.stderr)
+        return 2
+    with listener:
+        print(f"waiting for a store on {listener.address}; will serve it on {server.address}", flush=True)
+        receive_and_serve(listener, server)
+    assert server._thread is not None
+    server._thread.join()
     return 0
 
 

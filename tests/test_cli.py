@@ -743,3 +743,35 @@ def test_readme_documents_every_json_field() -> None:
     section = readme.split("### Machine-readable output", 1)[1].split("\n## ", 1)[0]
     documented = set(re.findall(r"^\| `(\w+)` \|", section, re.M))
     assert {f.name for f in dataclasses.fields(MigrationStats)} | {"event"} <= documented
+
+
+def test_every_refusal_names_its_flags_not_keywords(tmp_path: Path) -> None:
+    """Each row of migcore.options.REFUSALS, met from the command line's side, names the flag of its option."""
+    from migcore.cli.common import check_migration
+    from migcore.cli.errors import FLAGS, CommandError
+    from migcore.options import REFUSALS
+
+    addresses = {None: "tcp://127.0.0.1:9", "file": f"file://{tmp_path}/image", "unix": f"unix://{tmp_path}/sock"}
+    for refusal in REFUSALS:
+        option = re.search(r"``(\w+)", refusal.option)
+        assert option and option.group(1) in FLAGS, f"no flag for {refusal.option} in cli.errors.FLAGS"
+        with pytest.raises(CommandError) as caught:
+            check_migration(addresses[refusal.scheme], dict(refusal.example()))
+        assert caught.value.status == 2
+        assert FLAGS[option.group(1)] in caught.value.message, caught.value.message
+        assert not KEYWORD_FORMS.search(caught.value.message), caught.value.message
+
+
+def test_peer_messages_keep_their_words_and_name_keyword_values_as_flags() -> None:
+    from migcore.cli.errors import name_flags
+
+    assert name_flags("corrupt delta batch; the streams disagree", bare=False) == (
+        "corrupt delta batch; the streams disagree"
+    )
+    assert name_flags("region of 9 bytes exceeds this side's max_bytes=4096", bare=False) == (
+        "region of 9 bytes exceeds this side's --max-bytes 4096"
+    )
+    assert name_flags("without tls= or token=; pass insecure=True (CLI --insecure)") == (
+        "without --tls-cert/--tls-key/--tls-ca or --token/--token-file; pass --insecure"
+    )
+    assert name_flags("on_stall='postcopy' and a_mode_x, mode.py") == "--on-stall postcopy and a_mode_x, mode.py"

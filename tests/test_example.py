@@ -1,8 +1,12 @@
-"""The embedding example (examples/kvstore_server.py) migrates while serving and carries on."""
+"""The embedding example (examples/kvstore_server.py) migrates while serving and carries on; its README's
+two-host commands work (over loopback, with a token)."""
 
 from __future__ import annotations
 
 import importlib.util
+import re
+import shlex
+import socket
 import subprocess
 import sys
 import threading
@@ -99,3 +103,92 @@ def test_runs_as_a_program() -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "self-test passed" in proc.stdout
+
+
+# ---- the README's two-host commands, over loopback ------------------------------------------------
+
+
+def readme_commands() -> list[tuple[str, str]]:
+    """The (host, command) lines of examples/README.md's two-host block."""
+    text = (EXAMPLE.parent / "README.md").read_text()
+    block = text.split("Or on two hosts", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
+    return [(host, command) for host, _, command in (line.partition("$ ") for line in block.strip().splitlines())]
+
+
+def on_loopback(command: str) -> list[str]:
+    """A README command as this test runs it: this Python, the example's path, loopback, ports the OS picks."""
+    command = command.replace("tcp://0.0.0.0:7100", "tcp://127.0.0.1:0").replace("--host 0.0.0.0", "--host 127.0.0.1")
+    command = re.sub(r"--port \d+", "--port 0", command)
+    argv = shlex.split(command)
+    assert argv[:2] == ["python", "examples/kvstore_server.py"], command
+    return [sys.executable, str(EXAMPLE), *argv[2:]]
+
+
+def start(argv: list[str], cwd: Path) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    return proc, proc.stdout.readline()
+
+
+def talk(address: str, text: str) -> list[str]:
+    """Send the request lines of ``text`` to the store at HOST:PORT; its replies, one per request."""
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=60) as sock, sock.makefile("rwb") as f:
+        replies = []
+        for line in text.splitlines():
+            f.write(line.encode() + b"\n")
+            f.flush()
+            replies.append(f.readline().decode().rstrip("\n"))
+    return replies
+
+
+def test_the_two_host_commands_of_the_readme_with_a_token(tmp_path: Path) -> None:
+    (_, make_token), (_, receive), (_, serve), (_, client) = readme_commands()
+    assert "--token-file token" in receive and "--token-file token" in serve
+    # the secret, made as the README says
+    subprocess.run(make_token.replace("python", shlex.quote(sys.executable), 1), shell=True, check=True, cwd=tmp_path)
+    assert len((tmp_path / "token").read_text().strip()) == 64
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        dest, said = start(on_loopback(receive), tmp_path)
+        procs.append(dest)
+        found = re.match(r"waiting for a store on (tcp://\S+); will serve it on (\S+)$", said.strip())
+        assert found, said
+        migcore_address, dest_address = found.groups()
+        source, said = start(on_loopback(serve), tmp_path)
+        procs.append(source)
+        source_address = said.split()[-1]
+
+        # a source without the secret is refused, and nothing moves: the store keeps serving where it is
+        (tmp_path / "wrong").write_text("not-the-secret\n")
+        stranger, said = start(on_loopback(serve.replace("--token-file token", "--token-file wrong")), tmp_path)
+        procs.append(stranger)
+        refused = talk(said.split()[-1], f"SET a b\nMIGRATE {migcore_address} {dest_address}\nGET a")
+        assert refused[0] == "OK" and refused[1].startswith("ERROR"), refused
+        assert refused[2] == "VALUE b"
+
+        # the README's client line: printf '...' | nc localhost 7000
+        sent = re.search(r"printf '([^']*)'", client)
+        assert sent and "| nc localhost 7000" in client
+        lines = sent.group(1).replace("\\n", "\n").replace("host-b:7100", migcore_address.removeprefix("tcp://"))
+        lines = lines.replace("host-b:7001", dest_address)
+        assert talk(source_address, lines) == ["OK", f"MOVED {dest_address}"]
+        assert talk(dest_address, "GET hello") == ["VALUE world"]  # the store now serves on the other "host"
+        assert talk(source_address, "GET hello") == [f"MOVED {dest_address}"]
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.communicate()
+
+
+def test_a_destination_reachable_from_other_hosts_refuses_to_start_without_a_secret(tmp_path: Path) -> None:
+    _, (_, receive), _, _ = readme_commands()
+    argv = shlex.split(receive.replace(" --token-file token", ""))  # 0.0.0.0, as the README has it: refused unbound
+    proc = subprocess.run([sys.executable, str(EXAMPLE), *argv[2:]], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "insecure" in proc.stderr
+    missing = subprocess.run(
+        [sys.executable, str(EXAMPLE), "receive", "tcp://127.0.0.1:0", "--port", "0", "--token-file", "nope"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert missing.returncode == 2 and "nope" in missing.stderr and "Traceback" not in missing.stderr

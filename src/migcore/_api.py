@@ -15,7 +15,7 @@ from migcore._destination import Destination, recover_reception
 from migcore._intake import Intake
 from migcore._received import PostcopyReceiver, Received
 from migcore._handshake import DestinationOptions
-from migcore._region import Region
+from migcore._region import Region, RegionSource
 from migcore._batch import BatchEncoder
 from migcore._codecs import get_codec
 from migcore._file_receive import receive_file
@@ -43,7 +43,7 @@ __all__ = ["Listener", "Received", "listen", "migrate", "recover"]
 log = logging.getLogger("migcore")
 
 def migrate(
-    source: Any,
+    source: RegionSource,
     address: str,
     *,
     mode: Mode = "precopy",
@@ -204,7 +204,7 @@ def migrate(
 
 
 def recover(
-    source: Any,
+    source: RegionSource,
     address: str,
     migration_id: str,
     *,

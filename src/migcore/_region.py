@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import mmap
+import sys
 import threading
-from typing import Any
+from typing import Any, TypeAlias, cast
 
 import numpy as np
 from numpy.typing import NDArray
 
 from migcore import _kernels
+
+if sys.version_info >= (3, 12):
+    from collections.abc import Buffer
+else:
+    from typing_extensions import Buffer
 
 #: Hash tables, bitmaps and runs tables: the arrays every module passes around.
 U64 = NDArray[np.uint64]
@@ -99,12 +105,12 @@ class Region:
 
     __slots__ = ("_obj", "_view", "_page_size", "_npages", "_written", "_lock", "_mapping")
 
-    def __init__(self, buffer: Any, page_size: int = 4096) -> None:
+    def __init__(self, buffer: RegionSource, page_size: int = 4096) -> None:
         check_page_size(page_size)
         if isinstance(buffer, Region):
             buffer = buffer.obj
         try:
-            view = memoryview(buffer)
+            view = memoryview(cast("Buffer", buffer))  # an ndarray is one at run time on every version
         except TypeError:
             raise TypeError(
                 f"a Region needs a writable buffer (bytearray, numpy array, mmap, ...), "
@@ -217,3 +223,8 @@ class Region:
 
     def __repr__(self) -> str:
         return f"<migcore.Region {self.nbytes} bytes, {self._npages} pages of {self._page_size}>"
+
+
+#: What ``migrate()`` and ``recover()`` move: any buffer, or a :class:`Region` over one. NumPy arrays are named
+#: too: their stubs declare ``__buffer__`` (what makes a ``Buffer``) only from Python 3.12 on.
+RegionSource: TypeAlias = "Buffer | NDArray[Any] | Region"

@@ -166,7 +166,7 @@ def _report(
         raise as_command_error(outcome.error)
     if outcome.receive_error or not outcome.received:
         err = outcome.receive_error[0] if outcome.receive_error else TimeoutError("the destination did not finish")
-        raise CommandError(Exit.FAILED, f"destination failed: {name_flags(str(err))}")
+        raise CommandError(Exit.FAILED, f"destination failed: {name_flags(str(err), bare=False)}")
     dst = outcome.received[0]
     try:
         dst.wait(timeout=args.timeout)  # post-copy: until every page arrived

@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import errno
 import re
+import textwrap
 
 from migcore import MigrationError
 from migcore._extras import MissingExtraError
@@ -71,16 +72,22 @@ FLAGS: dict[str, str] = {
 # a keyword, optionally with "=value" ("delta=True", "on_stall='postcopy'", "tls="), not part of a longer name
 _KEYWORD = re.compile(
     r"(?<![\w./-])(" + "|".join(sorted(map(re.escape, FLAGS), key=len, reverse=True)) + r")"
-    r"(?:=('[^']*'|\"[^\"]*\"|True|[\w.]+)?)?(?![\w-])"
+    r"(=('[^']*'|\"[^\"]*\"|True|[\w.]+)?)?(?![\w-]|\.\w)"
 )
 _CLI_ASIDE = re.compile(r"\s*\(CLI [^)]*\)")
 
 
-def name_flags(message: str) -> str:
-    """``message`` with each library keyword replaced by its flag (``streams > 1`` -> ``--streams > 1``)."""
+def name_flags(message: str, *, bare: bool = True) -> str:
+    """``message`` with each library keyword replaced by its flag (``streams > 1`` -> ``--streams > 1``).
+
+    ``bare=False`` replaces only the ``keyword=value`` forms: a message that
+    is not about options (a peer's, a protocol error) keeps its plain words.
+    """
 
     def flag(match: re.Match[str]) -> str:
-        name, value = match.group(1), match.group(2)
+        name, assigned, value = match.group(1), match.group(2), match.group(3)
+        if assigned is None and not bare:
+            return match.group(0)
         if value is None or value == "True":
             return FLAGS[name]
         return f"{FLAGS[name]} {value.strip(chr(39) + chr(34))}"
@@ -121,7 +128,7 @@ def as_command_error(exc: BaseException) -> CommandError:
     if isinstance(exc, MissingExtraError):
         return CommandError(Exit.MISSING_EXTRA, name_flags(str(exc)))
     if isinstance(exc, MigrationError):  # the peer's message names keywords too ("max_bytes=4096")
-        return CommandError(Exit.FAILED, f"migration failed: {name_flags(str(exc))}")
+        return CommandError(Exit.FAILED, f"migration failed: {name_flags(str(exc), bare=False)}")
     if isinstance(exc, KeyboardInterrupt):
         return CommandError(Exit.INTERRUPTED, "interrupted")
     return CommandError(Exit.INTERNAL, f"internal error: {type(exc).__name__}: {exc} (run with -v for the traceback)")
@@ -129,5 +136,10 @@ def as_command_error(exc: BaseException) -> CommandError:
 
 def epilog() -> str:
     """The exit statuses, for ``migcore --help``."""
-    lines = [f"  {int(code):>3}  {meaning}" for code, meaning in EXIT_MEANINGS.items()]
+    lines = [
+        textwrap.fill(
+            meaning, 79, initial_indent=f"  {int(code):>3}  ", subsequent_indent=" " * 7, break_on_hyphens=False
+        )
+        for code, meaning in EXIT_MEANINGS.items()
+    ]
     return "exit status:\n" + "\n".join(lines)

@@ -224,7 +224,7 @@ def _migrate(
 
 def _failure(exc: migcore.MigrationError, path: Path, writer: _Writer) -> str:
     """The one line that says what failed and what to do next (continue it, the writer's state)."""
-    line = f"migration failed: {name_flags(str(exc))}"
+    line = f"migration failed: {name_flags(str(exc), bare=False)}"
     if isinstance(exc, migcore.PeerLostError) and exc.migration_id:
         # the buffer is untouched: the same command with --recover continues it
         line += (
