@@ -64,6 +64,7 @@ FLAGS: dict[str, str] = {
     "tls": "--tls-cert/--tls-key/--tls-ca",
     "token": "--token/--token-file",
     "insecure": "--insecure",
+    "connect_timeout": "--wait",
     "max_bytes": "--max-bytes",
     "max_state_bytes": "--max-state-bytes",
     "page_size": "--page-size",
